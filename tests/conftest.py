@@ -1,0 +1,58 @@
+"""Shared test configuration: tolerances per dtype (one table), Hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+
+# Hypothesis: the default number of examples everywhere. Deadlines are off because the
+# first example of a test may include Numba's compilation. On CI the examples are fixed
+# (derandomized) so a run is reproducible.
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+#: Tolerances, per dtype, for comparing numlstm with an oracle (the NumPy reference or
+#: torch.nn.LSTM). ``rtol`` is relative to the largest magnitude of the expected array:
+#: gradients are sums of many terms, so their small entries carry the absolute rounding
+#: error of the large ones, and an element-wise relative test would measure cancellation,
+#: not correctness. float64: 1e-9 as the issue asks (measured errors are ~1e-15);
+#: float32: 3e-4 (measured ~1e-6).
+TOLERANCE = {
+    np.dtype(np.float64): 1e-9,
+    np.dtype(np.float32): 3e-4,
+}
+
+#: Central finite differences in float64 with step FD_STEP: truncation error ~ FD_STEP**2
+#: and rounding error ~ 1e-16 / FD_STEP, both far below FD_RTOL (relative to the largest
+#: gradient entry, as above).
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+
+def assert_close(actual, expected, dtype=None, rtol=None, name="array"):
+    """Assert ``|actual - expected| <= rtol * max|expected|`` element-wise.
+
+    ``rtol`` defaults to :data:`TOLERANCE` for ``dtype`` (or ``expected``'s dtype).
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if rtol is None:
+        rtol = TOLERANCE[np.dtype(dtype if dtype is not None else expected.dtype)]
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    error = float(np.max(np.abs(actual.astype(np.float64) - expected), initial=0.0))
+    assert error <= rtol * max(scale, np.finfo(np.float64).tiny), (
+        f"{name}: max error {error:.3g} exceeds {rtol:g} x max magnitude {scale:.3g}"
+    )
