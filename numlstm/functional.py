@@ -44,8 +44,6 @@ class Tape:
         layout; empty without dropout.
     batched, batch_first : bool
         The caller's layout, to give ``d_x`` back in it.
-    output_shape, h_shape, c_shape : tuple
-        Shapes of the forward's results, as the caller got them.
     """
 
     spec: LSTMSpec
@@ -54,9 +52,6 @@ class Tape:
     dropout_masks: list
     batched: bool
     batch_first: bool
-    output_shape: tuple
-    h_shape: tuple
-    c_shape: tuple
 
 
 def forward(
@@ -131,7 +126,9 @@ def forward(
     )
 
 
-def forward_checked(spec, params, x, hx, lengths, *, batch_first, dropout, dropout_masks, rng, backend):
+def forward_checked(
+    spec, params, x, hx, lengths, *, batch_first, dropout, dropout_masks, rng, backend
+):
     """:func:`forward` for parameters and options already checked against ``spec``.
 
     The arrays ``x``, ``hx``, ``lengths`` and ``dropout_masks`` are checked here.
@@ -140,7 +137,12 @@ def forward_checked(spec, params, x, hx, lengths, *, batch_first, dropout, dropo
     be = backends.resolve(backend, (x, *states))
     call = _prepare_call(spec, be.xp, x, hx, lengths, batch_first)
     masks = _prepare_masks(spec, be.xp, call, dropout, dropout_masks, rng)
-    return run_forward(spec, params, be, call, masks, save=is_grad_enabled())
+    save = is_grad_enabled()
+    if save and be.xp.may_share_memory(call.x, x):
+        # The tape keeps the input for the weight gradient: keep our own copy, so that the
+        # caller may reuse the array before calling backward.
+        call.x = be.xp.copy(call.x)
+    return run_forward(spec, params, be, call, masks, save)
 
 
 @dataclass
@@ -223,7 +225,9 @@ def _check_state_pair(spec, pair, argument, names, batch, batched):
             f"{argument} must be a tuple of two arrays {names}, got {type(pair).__name__}"
             + (f" of length {len(pair)}" if isinstance(pair, (tuple, list)) else "")
         )
-    for value, name, (shape, text) in zip(pair, names, _state_shapes(spec, batch, batched)):
+    for value, name, (shape, text) in zip(
+        pair, names, _state_shapes(spec, batch, batched), strict=True
+    ):
         check_shape(check_array(value, name, spec.dtype, text), shape, name, text)
     return pair
 
@@ -234,11 +238,23 @@ def _prepare_states(spec, xp, hx, batch, batched):
     if hx is None:
         return tuple(xp.zeros(shape, spec.dtype) for shape in shapes)
     pair = _check_state_pair(spec, hx, "hx", ("h0", "c0"), batch, batched)
-    return tuple(xp.ascontiguousarray(xp.reshape(s, shape)) for s, shape in zip(pair, shapes))
+    return tuple(
+        xp.ascontiguousarray(xp.reshape(s, shape)) for s, shape in zip(pair, shapes, strict=True)
+    )
 
 
 def _output_width(spec):
     return spec.num_directions * spec.output_size
+
+
+def _output_shape(spec, call):
+    """The shape of ``output`` in the caller's layout, and its axes in words."""
+    width = _output_width(spec)
+    if not call.batched:
+        return (call.steps, width), "(T, D * H_out)"
+    if call.batch_first:
+        return (call.batch, call.steps, width), "(B, T, D * H_out)"
+    return (call.steps, call.batch, width), "(T, B, D * H_out)"
 
 
 def _to_kernel_layout(xp, array, call, width):
@@ -274,12 +290,7 @@ def _prepare_masks(spec, xp, call, dropout, dropout_masks, rng):
                 f"{type(dropout_masks).__name__}"
                 + (f" of length {len(dropout_masks)}" if hasattr(dropout_masks, "__len__") else "")
             )
-        expected = (call.steps, call.batch, width)
-        if call.batched and call.batch_first:
-            expected = (call.batch, call.steps, width)
-        elif not call.batched:
-            expected = (call.steps, width)
-        text = "the output's shape"
+        expected, text = _output_shape(spec, call)
         masks = []
         for k, mask in enumerate(dropout_masks):
             name = f"dropout_masks[{k}]"
@@ -367,9 +378,6 @@ def run_forward(spec, params, be, call, masks, save):
             masks,
             call.batched,
             call.batch_first,
-            tuple(output.shape),
-            tuple(h_n.shape),
-            tuple(c_n.shape),
         )
     return output, (h_n, c_n), tape
 
@@ -398,9 +406,7 @@ def backward(tape, d_output, d_hx=None):
         Gradient of every parameter, named and shaped as the parameters.
     """
     if not isinstance(tape, Tape):
-        raise TypeError(
-            f"tape must be the Tape a forward pass returned, got {type(tape).__name__}"
-        )
+        raise TypeError(f"tape must be the Tape a forward pass returned, got {type(tape).__name__}")
     spec, be = tape.spec, tape.backend
     xp = be.xp
     first = tape.layers[0][0]
@@ -409,8 +415,8 @@ def backward(tape, d_output, d_hx=None):
     if d_output is None:
         d_output = xp.zeros((call.steps, call.batch, width), spec.dtype)
     else:
-        shape = check_array(d_output, "d_output", spec.dtype, "the output's shape")
-        check_shape(shape, tape.output_shape, "d_output", "the output's shape")
+        expected, text = _output_shape(spec, call)
+        check_shape(check_array(d_output, "d_output", spec.dtype, text), expected, "d_output", text)
         d_output = _to_kernel_layout(xp, d_output, call, width)
     n = spec.num_layers * spec.num_directions
     if d_hx is None:
@@ -418,9 +424,7 @@ def backward(tape, d_output, d_hx=None):
         d_c_n = xp.zeros((n, call.batch, spec.hidden_size), spec.dtype)
     else:
         pair = _check_state_pair(spec, d_hx, "d_hx", ("d_h_n", "d_c_n"), call.batch, call.batched)
-        d_h_n, d_c_n = (
-            xp.reshape(d, (n, call.batch, -1)) for d in pair
-        )
+        d_h_n, d_c_n = (xp.reshape(d, (n, call.batch, -1)) for d in pair)
     return _run_backward(tape, xp, d_output, d_h_n, d_c_n)
 
 
@@ -437,7 +441,9 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
             k = layer * directions + direction
             d_y = d_above
             if directions > 1:
-                d_y = xp.ascontiguousarray(d_above[:, :, direction * width : (direction + 1) * width])
+                d_y = xp.ascontiguousarray(
+                    d_above[:, :, direction * width : (direction + 1) * width]
+                )
             g = be.layer_backward(
                 tape.layers[layer][direction],
                 d_y,

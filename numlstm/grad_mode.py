@@ -13,7 +13,7 @@ def is_grad_enabled():
     return getattr(_state, "enabled", True)
 
 
-class no_grad:  # noqa: N801 - named like torch.no_grad, which users know
+class no_grad:
     """Context manager (or decorator) for inference: forward passes save nothing.
 
     Inside it, a forward pass keeps no tape, so memory stays independent of the sequence

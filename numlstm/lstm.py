@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -11,14 +10,12 @@ from . import backends, functional
 from .equations import EQUATIONS, GATES
 from .grad_mode import is_grad_enabled
 from .params import LSTMSpec
-from .validation import check_bool, check_probability
+from .validation import check_bool, check_int, check_probability
 
 
 def _seed_rng(seed):
-    if seed is not None and (
-        isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0
-    ):
-        raise TypeError(f"seed must be None or a non-negative integer, got {seed!r}")
+    if seed is not None:
+        check_int(seed, "seed", 0)
     return np.random.default_rng(seed)
 
 

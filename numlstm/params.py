@@ -14,6 +14,7 @@ from .validation import (
     check_bool,
     check_dtype,
     check_int,
+    check_is_array,
     check_shape,
 )
 
@@ -53,7 +54,7 @@ class LSTMSpec:
     bias: bool = True
     bidirectional: bool = False
     proj_size: int = 0
-    dtype: np.dtype = np.dtype(np.float32)
+    dtype: np.dtype | str = "float32"
 
     def __post_init__(self):
         set_field = object.__setattr__
@@ -69,6 +70,17 @@ class LSTMSpec:
                 f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
                 f"got {self.proj_size}"
             )
+
+    def describe(self):
+        """The hyper-parameters in words, as ``LSTM(...)`` would be called."""
+        options = [
+            f"num_layers={self.num_layers}",
+            f"bias={self.bias}",
+            f"bidirectional={self.bidirectional}",
+            f"proj_size={self.proj_size}",
+            f"dtype='{self.dtype}'",
+        ]
+        return f"LSTM({self.input_size}, {self.hidden_size}, {', '.join(options)})"
 
     @property
     def num_directions(self):
@@ -144,12 +156,12 @@ class LSTMSpec:
         unexpected = [name for name in params if name not in shapes]
         if missing or unexpected:
             raise ValueError(
-                f"{argument} does not match {self}: missing keys {missing}, "
+                f"{argument} must have the keys of {self.describe()}: missing keys {missing}, "
                 f"unexpected keys {unexpected}"
             )
         for name, shape in shapes.items():
             key = f"{argument}[{name!r}]"
-            check_shape(check_array(params[name], key, self.dtype, str(shape)), shape, key, "")
+            check_shape(check_array(params[name], key, self.dtype, str(shape)), shape, key)
         return {name: np.ascontiguousarray(params[name]) for name in shapes}
 
     @classmethod
@@ -177,11 +189,11 @@ class LSTMSpec:
             if required not in params:
                 raise ValueError(f"{argument} has no {required!r}: got keys {list(params)}")
         w_ih, w_hh = params["weight_ih_l0"], params["weight_hh_l0"]
-        dtype = array_dtype(w_ih) if isinstance(w_ih, np.ndarray) else None
-        if dtype not in FLOAT_DTYPES:
+        check_is_array(w_ih, f"{argument}['weight_ih_l0']", "a floating-point NumPy array")
+        if array_dtype(w_ih) not in FLOAT_DTYPES:
             raise TypeError(
-                f"{argument}['weight_ih_l0'] must be a float32 or float64 NumPy array, got "
-                + (f"dtype {dtype}" if dtype is not None else type(w_ih).__name__)
+                f"{argument}['weight_ih_l0'] must be a float32 or float64 NumPy array, "
+                f"got dtype {array_dtype(w_ih)}"
             )
         for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh)):
             if getattr(value, "ndim", None) != 2:
@@ -203,7 +215,7 @@ class LSTMSpec:
             bias="bias_ih_l0" in params,
             bidirectional="weight_ih_l0_reverse" in params,
             proj_size=0 if w_hr is None else w_hr.shape[0],
-            dtype=dtype,
+            dtype=array_dtype(w_ih),
         )
         return spec, spec.check_params(params, argument)
 

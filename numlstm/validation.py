@@ -39,10 +39,11 @@ def check_probability(value, argument):
 def check_dtype(dtype, argument="dtype"):
     """Return the NumPy dtype for ``"float32"``/``"float64"`` (or their NumPy types)."""
     try:
-        resolved = np.dtype(dtype)
-    except TypeError:
+        # np.dtype(None) is float64: an omitted dtype must not pass for one.
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
         resolved = None
-    if resolved not in FLOAT_DTYPES:
+    if resolved is None or resolved not in FLOAT_DTYPES:
         raise ValueError(f"{argument} must be 'float32' or 'float64', got {dtype!r}")
     return resolved
 
@@ -52,6 +53,18 @@ def array_dtype(array):
     if isinstance(array, np.ndarray):
         return array.dtype
     return np.dtype(array.__cuda_array_interface__["typestr"])
+
+
+def check_is_array(value, argument, expected):
+    """Raise a TypeError unless ``value`` is a NumPy array or a CUDA array.
+
+    ``expected`` describes what the argument should be, for the message.
+    """
+    if not (isinstance(value, np.ndarray) or is_cuda_array(value)):
+        hint = ""
+        if hasattr(value, "numpy") and hasattr(value, "detach"):
+            hint = " (for a CPU torch tensor, pass tensor.detach().numpy())"
+        raise TypeError(f"{argument} must be {expected}, got {type(value).__name__}{hint}")
 
 
 def check_array(value, argument, dtype, shape_text):
@@ -73,17 +86,12 @@ def check_array(value, argument, dtype, shape_text):
     TypeError
         If ``value`` is not an array, or has another dtype.
     """
-    if not (isinstance(value, np.ndarray) or is_cuda_array(value)):
-        hint = ""
-        if hasattr(value, "numpy") and hasattr(value, "detach"):
-            hint = " (for a CPU torch tensor, pass tensor.detach().numpy())"
-        raise TypeError(
-            f"{argument} must be a NumPy array or a CUDA array of shape {shape_text} and dtype "
-            f"{dtype}, got {type(value).__name__}{hint}"
-        )
+    check_is_array(
+        value, argument, f"a NumPy array or a CUDA array of shape {shape_text} and dtype {dtype}"
+    )
     given = array_dtype(value)
     if given != dtype:
-        if given.kind == "f":
+        if given in FLOAT_DTYPES:
             fix = f"convert it with .astype(np.{dtype}) or build the model with dtype='{given}'"
         else:
             fix = "numlstm computes in float32 or float64 only"
@@ -93,12 +101,14 @@ def check_array(value, argument, dtype, shape_text):
     return tuple(value.shape)
 
 
-def check_shape(shape, expected, argument, shape_text):
-    """Raise a ValueError unless ``shape == expected``."""
+def check_shape(shape, expected, argument, shape_text=None):
+    """Raise a ValueError unless ``shape == expected``.
+
+    ``shape_text`` names the axes of the expected shape, such as ``"(T, B, I)"``.
+    """
     if tuple(shape) != tuple(expected):
-        raise ValueError(
-            f"{argument} must have shape {shape_text} = {tuple(expected)}, got {tuple(shape)}"
-        )
+        named = f"{shape_text} = " if shape_text else ""
+        raise ValueError(f"{argument} must have shape {named}{tuple(expected)}, got {tuple(shape)}")
 
 
 def check_lengths(lengths, batch, steps):
@@ -115,7 +125,12 @@ def check_lengths(lengths, batch, steps):
         return np.full(batch, steps, np.int64)
     if is_cuda_array(lengths):
         raise TypeError("lengths must be a host sequence of integers, got a CUDA array")
-    values = np.asarray(lengths)
+    try:
+        values = np.asarray(lengths)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lengths must be a 1-D sequence of {batch} integers, got {lengths!r}"
+        ) from None
     if values.ndim != 1:
         raise ValueError(
             f"lengths must be a 1-D sequence of {batch} integers (one per batch element), "

@@ -3,9 +3,12 @@
 A backend is a module that exposes the same kernel-level entry points,
 ``layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save)`` and
 ``layer_backward(tape, d_y, d_h_n, d_c_n)`` (one layer, one direction, a padded batch with
-lengths; see :mod:`numlstm.backends.cpu`), plus the small array namespace ``xp`` that the
-shared orchestration in :mod:`numlstm.functional` uses. Backend modules are imported only
-when first used, so ``import numlstm`` works without numba-cuda or a GPU.
+lengths; see :mod:`numlstm.backends.cpu`), plus the array namespace ``xp`` that the
+shared orchestration in :mod:`numlstm.functional` uses: NumPy on the CPU, and on other
+backends a namespace with the NumPy functions ``add``, ``asarray``, ``ascontiguousarray``,
+``concatenate``, ``copy``, ``empty``, ``may_share_memory``, ``multiply``, ``reshape``,
+``swapaxes`` and ``zeros`` for its arrays. Backend modules are imported only when first
+used, so ``import numlstm`` works without numba-cuda or a GPU.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def set_backend(backend):
 
 
 def get_backend():
-    """The process-wide default backend: :func:`set_backend`, else ``NUMLSTM_BACKEND``, else auto."""
+    """The process-wide default: :func:`set_backend`'s, else ``NUMLSTM_BACKEND``, else auto."""
     if _default is not None:
         return _default
     from_env = os.environ.get(ENV_VAR)

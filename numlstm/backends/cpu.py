@@ -95,9 +95,7 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
             t_lo = n * chunk
             t_hi = min(steps_total, (n + 1) * chunk)
         pre = gates[: t_hi - t_lo]
-        np.dot(
-            x[t_lo:t_hi].reshape(-1, n_inputs), w_ih.T, pre.reshape(-1, 4 * hidden)
-        )
+        np.dot(x[t_lo:t_hi].reshape(-1, n_inputs), w_ih.T, pre.reshape(-1, 4 * hidden))
         times = range(t_hi - 1, t_lo - 1, -1) if reverse else range(t_lo, t_hi)
         for t in times:
             prev = (t + 1) % slots if reverse else t % slots
@@ -108,6 +106,8 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
             for b in range(batch):
                 if t >= lengths[b]:
                     c_seq[cur, b] = c_seq[prev, b]
+                    if projecting:
+                        r[b] = 0.0  # read by the projection's weight gradient
                     continue
                 for j in range(hidden):
                     i, f, g, o, c, r[b, j] = cell_forward(

@@ -1,0 +1,8 @@
+"""``python -m numlstm``: the same as the ``numlstm`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
