@@ -10,9 +10,7 @@ from hypothesis import HealthCheck, settings
 # Hypothesis: the default number of examples everywhere. Deadlines are off because the
 # first example of a test may include Numba's compilation. On CI the examples are fixed
 # (derandomized) so a run is reproducible.
-settings.register_profile(
-    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "ci",
     deadline=None,
