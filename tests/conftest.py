@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
+
+import numlstm
 
 # Hypothesis: the default number of examples everywhere. Deadlines are off because the
 # first example of a test may include Numba's compilation. On CI the examples are fixed
@@ -54,3 +57,12 @@ def assert_close(actual, expected, dtype=None, rtol=None, name="array"):
     assert error <= rtol * max(scale, np.finfo(np.float64).tiny), (
         f"{name}: max error {error:.3g} exceeds {rtol:g} x max magnitude {scale:.3g}"
     )
+
+
+@pytest.fixture
+def default_backend(monkeypatch):
+    """A clean process-wide default backend (no set_backend, no NUMLSTM_BACKEND), restored."""
+    monkeypatch.delenv("NUMLSTM_BACKEND", raising=False)
+    numlstm.set_backend(None)
+    yield
+    numlstm.set_backend(None)

@@ -669,14 +669,6 @@ def test_concurrent_models_in_threads_give_the_serial_results():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def default_backend(monkeypatch):
-    monkeypatch.delenv("NUMLSTM_BACKEND", raising=False)
-    numlstm.set_backend(None)
-    yield
-    numlstm.set_backend(None)
-
-
 def test_available_backends_reports_cpu_and_why_cuda_is_missing():
     status = numlstm.available_backends()
     assert set(status) == {"cpu", "cuda"}

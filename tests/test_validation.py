@@ -634,15 +634,6 @@ def test_bad_functional_options_raise(options, exc, pattern):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def default_backend(monkeypatch):
-    """A clean process-wide default, restored afterwards."""
-    monkeypatch.delenv("NUMLSTM_BACKEND", raising=False)
-    numlstm.set_backend(None)
-    yield
-    numlstm.set_backend(None)
-
-
 def _cuda_missing():
     status = numlstm.available_backends()["cuda"]
     if status.available:  # pragma: no cover - only on a machine with a GPU
