@@ -42,6 +42,20 @@ FD_STEP = 1e-6
 FD_RTOL = 1e-6
 
 
+def central_differences(evaluate, array):
+    """``d evaluate() / d array``, one central difference per element (``array`` is restored)."""
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = up = saved + FD_STEP
+        f_up = evaluate()
+        array[index] = down = saved - FD_STEP
+        f_down = evaluate()
+        array[index] = saved
+        grad[index] = (f_up - f_down) / (up - down)
+    return grad
+
+
 def assert_close(actual, expected, dtype=None, rtol=None, name="array"):
     """Assert ``|actual - expected| <= rtol * max|expected|`` element-wise.
 

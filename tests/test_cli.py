@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FD_RTOL, FD_STEP
+from conftest import FD_RTOL, central_differences
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -126,15 +126,7 @@ def test_model_gradients_match_finite_differences():
         return np.mean(error * error)
 
     for name, param in model.parameters().items():
-        numeric = np.empty_like(param)
-        for index in np.ndindex(param.shape):
-            saved = param[index]
-            param[index] = saved + FD_STEP
-            above = loss()
-            param[index] = saved - FD_STEP
-            below = loss()
-            param[index] = saved
-            numeric[index] = (above - below) / (2 * FD_STEP)
+        numeric = central_differences(loss, param)
         scale = max(np.max(np.abs(numeric)), 1e-12)
         assert np.max(np.abs(grads[name] - numeric)) <= FD_RTOL * scale, name
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import FD_RTOL, FD_STEP
+from conftest import FD_RTOL, FD_STEP, central_differences
 from hypothesis import given
 from hypothesis import strategies as st
 from lstm_cases import Case, cases, forward_backward, make_arrays, zero_states
@@ -44,20 +44,6 @@ def loss_magnitude(arrays, output, h_n, c_n):
 #: 3.6 x ``eps * loss_magnitude / FD_STEP``, so 64 leaves a wide margin while still being
 #: ~1e-8 of a typical loss: far below any real error.
 FD_NOISE = 64 * np.finfo(np.float64).eps / FD_STEP
-
-
-def central_differences(evaluate, array):
-    """``d evaluate() / d array``, one central difference per element (``array`` is restored)."""
-    grad = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = up = saved + FD_STEP
-        f_up = evaluate()
-        array[index] = down = saved - FD_STEP
-        f_down = evaluate()
-        array[index] = saved
-        grad[index] = (f_up - f_down) / (up - down)
-    return grad
 
 
 def assert_matches_finite_differences(analytic, inputs, run, arrays):

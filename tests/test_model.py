@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import FD_RTOL, FD_STEP, assert_close
+from conftest import FD_RTOL, assert_close, central_differences
 from reference import lstm_forward
 
 import numlstm
@@ -301,16 +301,6 @@ def _loss(output, d_out):
     return float(np.sum(output * d_out))
 
 
-def _central_difference(function, array, index):
-    saved = array[index]
-    array[index] = saved + FD_STEP
-    plus = function()
-    array[index] = saved - FD_STEP
-    minus = function()
-    array[index] = saved
-    return (plus - minus) / (2 * FD_STEP)
-
-
 def test_backward_with_dropout_matches_finite_differences_with_the_same_masks():
     rng = np.random.default_rng(4)
     kw = dict(input_size=3, hidden_size=3, num_layers=2, bidirectional=True, dtype="float64")
@@ -334,9 +324,7 @@ def test_backward_with_dropout_matches_finite_differences_with_the_same_masks():
     checks += [(name, params[name], model.grads[name]) for name in params if "l1" in name]
     checks += [("weight_hh_l0", params["weight_hh_l0"], model.grads["weight_hh_l0"])]
     for name, array, analytic in checks:
-        numeric = np.zeros_like(array)
-        for index in np.ndindex(array.shape):
-            numeric[index] = _central_difference(loss, array, index)
+        numeric = central_differences(loss, array)
         assert_close(analytic, numeric, rtol=FD_RTOL, name=name)
     # Without the masks, the finite differences would not match: the masks matter.
     plain = numlstm.forward(x, params, (h0, c0), lengths)[0]
