@@ -233,8 +233,7 @@ def _check_state_pair(spec, pair, argument, names, batch, batched):
 
 
 def _prepare_states(spec, xp, hx, batch, batched):
-    n = spec.num_layers * spec.num_directions
-    shapes = ((n, batch, spec.output_size), (n, batch, spec.hidden_size))
+    shapes = [shape for shape, _ in _state_shapes(spec, batch, batched=True)]
     if hx is None:
         return tuple(xp.zeros(shape, spec.dtype) for shape in shapes)
     pair = _check_state_pair(spec, hx, "hx", ("h0", "c0"), batch, batched)
@@ -418,13 +417,12 @@ def backward(tape, d_output, d_hx=None):
         expected, text = _output_shape(spec, call)
         check_shape(check_array(d_output, "d_output", spec.dtype, text), expected, "d_output", text)
         d_output = _to_kernel_layout(xp, d_output, call, width)
-    n = spec.num_layers * spec.num_directions
+    shapes = [shape for shape, _ in _state_shapes(spec, call.batch, batched=True)]
     if d_hx is None:
-        d_h_n = xp.zeros((n, call.batch, spec.output_size), spec.dtype)
-        d_c_n = xp.zeros((n, call.batch, spec.hidden_size), spec.dtype)
+        d_h_n, d_c_n = (xp.zeros(shape, spec.dtype) for shape in shapes)
     else:
         pair = _check_state_pair(spec, d_hx, "d_hx", ("d_h_n", "d_c_n"), call.batch, call.batched)
-        d_h_n, d_c_n = (xp.reshape(d, (n, call.batch, -1)) for d in pair)
+        d_h_n, d_c_n = (xp.reshape(d, shape) for d, shape in zip(pair, shapes, strict=True))
     return _run_backward(tape, xp, d_output, d_h_n, d_c_n)
 
 

@@ -190,10 +190,11 @@ class LSTMSpec:
                 raise ValueError(f"{argument} has no {required!r}: got keys {list(params)}")
         w_ih, w_hh = params["weight_ih_l0"], params["weight_hh_l0"]
         check_is_array(w_ih, f"{argument}['weight_ih_l0']", "a floating-point NumPy array")
-        if array_dtype(w_ih) not in FLOAT_DTYPES:
+        dtype = array_dtype(w_ih)
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{argument}['weight_ih_l0'] must be a float32 or float64 NumPy array, "
-                f"got dtype {array_dtype(w_ih)}"
+                f"got dtype {dtype}"
             )
         for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh)):
             if getattr(value, "ndim", None) != 2:
@@ -215,7 +216,7 @@ class LSTMSpec:
             bias="bias_ih_l0" in params,
             bidirectional="weight_ih_l0_reverse" in params,
             proj_size=0 if w_hr is None else w_hr.shape[0],
-            dtype=array_dtype(w_ih),
+            dtype=dtype,
         )
         return spec, spec.check_params(params, argument)
 
