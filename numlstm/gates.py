@@ -1,134 +1,185 @@
 """The gate equations, written once as small scalar functions.
 
-These are plain ``@njit`` functions of scalars. The CPU kernels (``@njit``) and the CUDA
-kernels (``@cuda.jit``, which may call ``@njit`` functions) both compile them, so the math
-of the cell exists in exactly one place. Each function names the equations it computes
-(see :mod:`numlstm.equations`).
+These are scalar functions that Numba compiles into the CPU kernels (``@njit``) and the CUDA
+kernels (``@cuda.jit``) alike, so the math of the cell exists in exactly one place. Each
+function names the equations it computes (see :mod:`numlstm.equations`).
 
 Derivatives are written in terms of the activations' outputs, which the forward pass
 saves: ``σ'(a) = σ(a)(1 - σ(a))`` and ``tanh'(a) = 1 - tanh(a)^2``.
 
-The activations need ``exp``, and ``math.exp`` compiles to a call into libm, which stops
-LLVM from vectorising the kernels' loop over hidden units (PyPI's llvmlite has no SVML).
-:func:`exp` and :func:`expm1` are therefore written out in plain arithmetic, which LLVM
-turns into AVX-512 code: Cody and Waite's range reduction ``x = n ln 2 + r`` with
-``|r| <= ln(2)/2``, a degree-13 Taylor polynomial for ``e^r - 1`` (truncation error below
-``1e-17``), and ``2^n`` built from its bits. They work in float64 whatever the input, so a
-float32 kernel rounds once, at the store; in float64 they agree with libm to a few ulp
-(``tests/test_gates.py`` measures it).
+**Why the activations are written out.** ``math.exp`` compiles to a call into libm, which
+stops LLVM from vectorising the kernels' loop over hidden units (PyPI's llvmlite has no
+SVML). :func:`exp` and :func:`expm1` are therefore plain arithmetic, which LLVM turns into
+AVX-512 code: Cody and Waite's range reduction ``x = n ln 2 + r`` with ``|r| <= ln(2)/2``,
+a Taylor polynomial for ``e^r - 1`` and ``2^n`` built from its bits.
+
+**Precision follows the data.** Each activation has one implementation per dtype, built
+by :func:`_activations` from the same source with that dtype's constants, and chosen at
+compile time from the argument's type. float64 uses a degree-13 polynomial (truncation
+error below ``1e-17``) and agrees with libm to a few ulp; float32 computes in float32 with
+degree 7 (truncation error ``5e-9``), so a float32 kernel runs at twice the SIMD width.
+``tests/test_gates.py`` measures both against SciPy.
 """
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .equations import implements
 
-#: Range-reduction constants: ``LN2_HI`` has its low bits zero, so ``n * LN2_HI`` is exact
-#: for the ``|n| <= 1022`` used here.
-LOG2E = 1.4426950408889634
-LN2_HI = 6.93147180369123816490e-01
-LN2_LO = 1.90821492927058770002e-10
-
-#: ``exp`` is only evaluated at or below zero; below ``EXP_FLOOR`` the result would leave
-#: the normal float64 range (``2^-1022``), so it is flushed to 0.
-EXP_FLOOR = -708.0
-
-#: ``tanh(a)`` rounds to ``±1`` in float64 for ``|a| > 19.1``; clamping ``-2|a|`` here keeps
-#: ``expm1`` in range without changing any result.
-TANH_FLOOR = -40.0
-
-#: Taylor coefficients ``1/k!`` of ``e^r - 1 = r (1 + r/2! + r^2/3! + ...)``, k = 2..13.
-_C2 = 1.0 / 2.0
-_C3 = 1.0 / 6.0
-_C4 = 1.0 / 24.0
-_C5 = 1.0 / 120.0
-_C6 = 1.0 / 720.0
-_C7 = 1.0 / 5040.0
-_C8 = 1.0 / 40320.0
-_C9 = 1.0 / 362880.0
-_C10 = 1.0 / 3628800.0
-_C11 = 1.0 / 39916800.0
-_C12 = 1.0 / 479001600.0
-_C13 = 1.0 / 6227020800.0
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _reduce(x):
-    """Split ``x <= 0`` into ``2^n`` and ``e^r - 1`` with ``x = n ln 2 + r``."""
-    n = np.floor(x * LOG2E + 0.5)
-    r = (x - n * LN2_HI) - n * LN2_LO
-    p = _C12 + r * _C13
-    p = _C11 + r * p
-    p = _C10 + r * p
-    p = _C9 + r * p
-    p = _C8 + r * p
-    p = _C7 + r * p
-    p = _C6 + r * p
-    p = _C5 + r * p
-    p = _C4 + r * p
-    p = _C3 + r * p
-    p = _C2 + r * p
-    p = 1.0 + r * p
-    scale = np.int64((np.int64(n) + 1023) << 52).view(np.float64)
-    return scale, r * p
+#: Range reduction ``x = n ln 2 + r``: ``LN2_HI`` has its low bits zero so that ``n * LN2_HI``
+#: is exact; ``LN2_LO`` carries the rest of ``ln 2``.
+_FLOAT64 = {
+    "real": np.float64,
+    "bits": np.int64,
+    "exponent_bias": 1023,
+    "mantissa_bits": 52,
+    "log2e": 1.4426950408889634,
+    "ln2_hi": 6.93147180369123816490e-01,
+    "ln2_lo": 1.90821492927058770002e-10,
+    "degree": 13,
+    # e^x leaves the normal range (2^-1022) below this; exp flushes such results to 0.
+    "exp_floor": -708.0,
+    # tanh(a) rounds to ±1 beyond |a| = 19.1; clamping -2|a| here changes no result.
+    "tanh_floor": -40.0,
+}
+_FLOAT32 = {
+    "real": np.float32,
+    "bits": np.int32,
+    "exponent_bias": 127,
+    "mantissa_bits": 23,
+    "log2e": 1.44269504088896341,
+    "ln2_hi": 0.693359375,
+    "ln2_lo": -2.12194440e-4,
+    "degree": 7,
+    "exp_floor": -87.0,  # 2^-126 is e^-87.3
+    "tanh_floor": -20.0,  # tanh(a) rounds to ±1 beyond |a| = 9.0
+}
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def exp(x):
-    """``e^x`` for ``x <= 0``, in float64, in arithmetic that LLVM vectorises.
+def _activations(constants):
+    """Compile ``exp``, ``expm1``, the activations and their derivatives for one dtype.
 
-    Below ``EXP_FLOOR`` it returns 0 (the exact result is subnormal or 0).
+    Every literal is converted to the dtype first, so that float32 code stays float32
+    (a Python float literal would promote it to float64).
     """
-    scale, p = _reduce(max(x, EXP_FLOOR))
-    return scale + scale * p if x >= EXP_FLOOR else 0.0
+    real, bits = constants["real"], constants["bits"]
+    log2e, ln2_hi, ln2_lo = (real(constants[k]) for k in ("log2e", "ln2_hi", "ln2_lo"))
+    exp_floor, tanh_floor = real(constants["exp_floor"]), real(constants["tanh_floor"])
+    exponent_bias, mantissa_bits = bits(constants["exponent_bias"]), constants["mantissa_bits"]
+    # Horner's coefficients of (e^r - 1) / r, highest degree first: 1/d!, ..., 1/2!, 1/1!.
+    taylor = tuple(real(1.0 / math.factorial(k)) for k in range(constants["degree"], 0, -1))
+    zero, half, one, two = real(0.0), real(0.5), real(1.0), real(2.0)
+    # Small enough for LLVM to inline (Numba's own IR inliner mishandles their branches).
+    jit = njit(nogil=True, error_model="numpy")
+
+    @jit
+    def reduce(x):
+        # x <= 0 as 2^n and e^r - 1.
+        n = np.floor(x * log2e + half)
+        r = (x - n * ln2_hi) - n * ln2_lo
+        p = zero
+        for coefficient in taylor:
+            p = coefficient + r * p
+        scale = bits((bits(n) + exponent_bias) << mantissa_bits).view(real)
+        return scale, r * p
+
+    @jit
+    def exp(x):
+        scale, p = reduce(max(x, exp_floor))
+        return scale + scale * p if x >= exp_floor else zero
+
+    @jit
+    def expm1(x):
+        scale, p = reduce(max(x, exp_floor))
+        return scale * p + (scale - one)
+
+    @jit
+    def sigmoid(a):
+        z = exp(-abs(a))
+        s = one / (one + z)
+        if a != a:  # NaN in, NaN out (the clamp in exp would hide it)
+            return a
+        return s if a >= zero else z * s
+
+    @jit
+    def tanh(a):
+        m = expm1(max(-two * abs(a), tanh_floor))
+        t = -m / (two + m)
+        if a != a:
+            return a
+        return t if a >= zero else -t
+
+    @jit
+    def d_sigmoid(s):
+        return s * (one - s)
+
+    @jit
+    def d_tanh(t):
+        return one - t * t
+
+    return SimpleNamespace(
+        exp=exp, expm1=expm1, sigmoid=sigmoid, tanh=tanh, d_sigmoid=d_sigmoid, d_tanh=d_tanh
+    )
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def expm1(x):
-    """``e^x - 1`` for ``x <= 0`` with full relative accuracy near 0 (vectorisable)."""
-    scale, p = _reduce(max(x, EXP_FLOOR))
-    return scale * p + (scale - 1.0)
+_BY_DTYPE = {
+    np.dtype(np.float64): _activations(_FLOAT64),
+    np.dtype(np.float32): _activations(_FLOAT32),
+}
 
 
-@implements("input-gate", "forget-gate", "output-gate", backend="shared")
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def sigmoid(a):
-    """Logistic function, stable for any input: ``exp`` only ever sees ``-|a|``."""
-    z = exp(-abs(a))
-    s = 1.0 / (1.0 + z)
-    if a != a:  # NaN in, NaN out (the clamp in exp would hide it)
-        return a + 0.0
-    return s if a >= 0 else z * s
+def _scalar_function(name):
+    """A function of one scalar that picks its dtype's implementation.
 
-
-@implements("cell-candidate", backend="shared")
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def tanh(a):
-    """Hyperbolic tangent: ``-expm1(-2|a|) / (2 + expm1(-2|a|))`` with the sign of ``a``.
-
-    ``expm1`` keeps full relative accuracy near 0, and ``|a|`` never overflows it.
+    Compiled code resolves the choice at compile time (float32 for float32, float64 for
+    any other number); a call from Python uses the argument's NumPy dtype.
     """
-    m = expm1(max(-2.0 * abs(a), TANH_FLOOR))
-    t = -m / (2.0 + m)
-    if a != a:
-        return a + 0.0
-    return t if a >= 0 else -t
+
+    def function(x):
+        dtype = np.dtype(np.float32 if isinstance(x, np.float32) else np.float64)
+        return getattr(_BY_DTYPE[dtype], name)(x)
+
+    @overload(function, jit_options={"nogil": True, "error_model": "numpy"})
+    def typed(x):
+        if not isinstance(x, (types.Float, types.Integer)):
+            return None
+        dtype = np.dtype(np.float32 if x == types.float32 else np.float64)
+        implementation = getattr(_BY_DTYPE[dtype], name)
+        return lambda x: implementation(x)
+
+    function.__name__ = function.__qualname__ = name
+    return function
 
 
-@implements("d-input-gate", "d-forget-gate", "d-output-gate", backend="shared")
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def d_sigmoid(s):
-    """Derivative of the sigmoid, from its output ``s = σ(a)``."""
-    return s * (1.0 - s)
+exp = _scalar_function("exp")
+exp.__doc__ = """``e^x`` for ``x <= 0`` (0 below the dtype's normal range), vectorisable."""
 
+expm1 = _scalar_function("expm1")
+expm1.__doc__ = """``e^x - 1`` for ``x <= 0``, with full relative accuracy near 0."""
 
-@implements("d-cell-candidate", "d-cell", backend="shared")
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def d_tanh(t):
-    """Derivative of tanh, from its output ``t = tanh(a)``."""
-    return 1.0 - t * t
+sigmoid = implements("input-gate", "forget-gate", "output-gate", backend="shared")(
+    _scalar_function("sigmoid")
+)
+sigmoid.__doc__ = """Logistic function ``σ(a)``, stable for any input: ``exp`` sees ``-|a|``."""
+
+tanh = implements("cell-candidate", backend="shared")(_scalar_function("tanh"))
+tanh.__doc__ = """``tanh(a) = -expm1(-2|a|) / (2 + expm1(-2|a|))``, with the sign of ``a``.
+
+``expm1`` keeps full relative accuracy near 0, and ``|a|`` never overflows it."""
+
+d_sigmoid = implements("d-input-gate", "d-forget-gate", "d-output-gate", backend="shared")(
+    _scalar_function("d_sigmoid")
+)
+d_sigmoid.__doc__ = """Derivative of the sigmoid, from its output: ``σ'(a) = s (1 - s)``."""
+
+d_tanh = implements("d-cell-candidate", "d-cell", backend="shared")(_scalar_function("d_tanh"))
+d_tanh.__doc__ = """Derivative of tanh, from its output: ``tanh'(a) = 1 - t^2``."""
 
 
 @implements(
@@ -140,7 +191,7 @@ def d_tanh(t):
     "hidden-update",
     backend="shared",
 )
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(nogil=True, error_model="numpy", inline="always")
 def cell_forward(a_i, a_f, a_g, a_o, c_prev):
     """One hidden unit of one step: the four gates and the two memory updates.
 
@@ -177,7 +228,7 @@ def cell_forward(a_i, a_f, a_g, a_o, c_prev):
     "d-cell-candidate",
     backend="shared",
 )
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+@njit(nogil=True, error_model="numpy", inline="always")
 def cell_backward(i, f, g, o, c_prev, c, d_r, d_c_next):
     """Backward of :func:`cell_forward` for one hidden unit of one step.
 
