@@ -13,10 +13,13 @@ keeps every boundary (``S = T + 1``) for the backward pass; inference keeps two.
 
 from __future__ import annotations
 
+import functools
+import threading
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 from ..equations import implements
 from ..gates import cell_backward, cell_forward
@@ -25,6 +28,47 @@ name = "cpu"
 
 #: The array namespace the shared orchestration uses on this backend.
 xp = np
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved: dict = {}
+
+
+@contextmanager
+def single_threaded_blas():
+    """Run the body with the BLAS that Numba's ``np.dot`` calls limited to one thread.
+
+    The kernels split their work over Numba's threads themselves; a multithreaded BLAS
+    called from each of them oversubscribes the cores (measured: up to 100x slower per
+    GEMM on a busy machine). The previous thread counts come back when the last
+    concurrent caller leaves.
+    """
+    global _blas_users
+    with _blas_lock:
+        if _blas_users == 0:
+            for library in _blas_libraries():
+                _blas_saved[library] = library.get_num_threads()
+                library.set_num_threads(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for library, threads in _blas_saved.items():
+                    library.set_num_threads(threads)
+                _blas_saved.clear()
+
+
+@functools.cache
+def _blas_libraries():
+    """threadpoolctl's controllers of the BLAS libraries loaded (Numba's is SciPy's)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (load it before the controller looks)
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
 
 #: Steps per input-projection GEMM in inference, where nothing is saved: bounds the memory
 #: of the gate buffer by ``INFERENCE_CHUNK * B * 4H`` whatever the sequence length.
@@ -81,6 +125,18 @@ def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
         )
 
 
+@njit(cache=True, nogil=True)
+def _blocks(size, threads):
+    """How many parts to split ``size`` rows into: one per thread, at most ``size``."""
+    return max(1, min(threads, size))
+
+
+@njit(cache=True, nogil=True)
+def _block(k, blocks, size):
+    """Bounds ``[lo, hi)`` of the ``k``-th of ``blocks`` near-equal parts of ``range(size)``."""
+    return k * size // blocks, (k + 1) * size // blocks
+
+
 @implements(
     "input-projection",
     "recurrent-projection",
@@ -94,12 +150,18 @@ def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
     "padding",
     backend="cpu",
 )
-@njit(cache=True, nogil=True)
-def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_seq, r_seq, y):
+@njit(cache=True, nogil=True, parallel=True)
+def forward_kernel(
+    x, w_ih, w_hh_t, bias, w_hr_t, lengths, reverse, gates, c_seq, h_seq, r_seq, y, threads
+):
     """Forward time loop of one layer and one direction, over a padded batch.
 
     Shapes: ``T`` steps, ``B`` batch, ``I`` inputs, ``H`` hidden units, ``P`` outputs per
     step (``proj_size`` or ``H``). Every array is C-contiguous; none may alias another.
+
+    The work is split over Numba's threads twice per chunk of steps: the input projection
+    by blocks of steps, then the recurrence by blocks of sequences, which are independent
+    for the whole time loop, so the threads never wait for each other inside it.
 
     Parameters
     ----------
@@ -107,12 +169,12 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
         The layer's input.
     w_ih : (4H, I) array
         Input weights, gates stacked i, f, g, o.
-    w_hh : (4H, P) array
-        Recurrent weights.
+    w_hh_t : (P, 4H) array
+        Recurrent weights, transposed (the per-step product is fastest this way round).
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias).
-    w_hr : (P, H) array
-        Projection weights, or an empty ``(0, 0)`` array without projection.
+    w_hr_t : (H, P) array
+        Projection weights, transposed, or an empty ``(0, 0)`` array without projection.
     lengths : (B,) int64 array
         Real steps of each sequence, ``1 <= lengths[b] <= T``.
     reverse : bool
@@ -130,13 +192,14 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
         backward pass, ``R == 1`` for inference; unused (``R == 0``) without projection.
     y : (T, B, P) array, out
         The output: ``h_t`` at real steps, zeros at padded ones.
+    threads : int
+        Numba threads to split the work over.
     """
     steps_total, batch, n_inputs = x.shape
-    hidden = c_seq.shape[2]
     chunk = gates.shape[0]
     slots = c_seq.shape[0]
-    projecting = w_hr.shape[0] > 0
-    recurrent = np.empty((batch, 4 * hidden), x.dtype)
+    projecting = w_hr_t.shape[0] > 0
+    recurrent = np.empty((batch, w_hh_t.shape[1]), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
         if reverse:
             t_lo = max(steps_total - (n + 1) * chunk, 0)
@@ -144,30 +207,72 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
         else:
             t_lo = n * chunk
             t_hi = min(steps_total, (n + 1) * chunk)
-        pre = gates[: t_hi - t_lo]
-        np.dot(x[t_lo:t_hi].reshape(-1, n_inputs), w_ih.T, pre.reshape(-1, 4 * hidden))
-        times = range(t_hi - 1, t_lo - 1, -1) if reverse else range(t_lo, t_hi)
-        for t in times:
-            prev = (t + 1) % slots if reverse else t % slots
-            cur = t % slots if reverse else (t + 1) % slots
-            a = pre[t - t_lo]
-            r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
-            np.dot(h_seq[prev], w_hh.T, recurrent)
-            for b in range(batch):
-                if t >= lengths[b]:
-                    c_seq[cur, b] = c_seq[prev, b]
-                    if projecting:
-                        r[b] = 0.0  # read by the projection's weight gradient
-                    continue
-                cell_forward_row(a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b])
-            if projecting:
-                np.dot(r, w_hr.T, h_seq[cur])
-            for b in range(batch):
-                if t < lengths[b]:
-                    y[t, b] = h_seq[cur, b]
-                else:
-                    h_seq[cur, b] = h_seq[prev, b]
-                    y[t, b] = 0.0
+        steps = t_hi - t_lo
+        blocks = _blocks(steps, threads)
+        for k in prange(blocks):
+            s_lo, s_hi = _block(k, blocks, steps)
+            np.dot(
+                x[t_lo + s_lo : t_lo + s_hi].reshape(-1, n_inputs),
+                w_ih.T,
+                gates[s_lo:s_hi].reshape(-1, w_hh_t.shape[1]),
+            )
+        blocks = _blocks(batch, threads)
+        for k in prange(blocks):
+            lo, hi = _block(k, blocks, batch)
+            times = range(t_hi - 1, t_lo - 1, -1) if reverse else range(t_lo, t_hi)
+            for t in times:
+                prev = (t + 1) % slots if reverse else t % slots
+                cur = t % slots if reverse else (t + 1) % slots
+                a = gates[t - t_lo]
+                r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
+                np.dot(h_seq[prev, lo:hi], w_hh_t, recurrent[lo:hi])
+                for b in range(lo, hi):
+                    if t >= lengths[b]:
+                        c_seq[cur, b] = c_seq[prev, b]
+                        if projecting:
+                            r[b] = 0.0  # read by the projection's weight gradient
+                        continue
+                    cell_forward_row(a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b])
+                if projecting:
+                    np.dot(r[lo:hi], w_hr_t, h_seq[cur, lo:hi])
+                for b in range(lo, hi):
+                    if t < lengths[b]:
+                        y[t, b] = h_seq[cur, b]
+                    else:
+                        h_seq[cur, b] = h_seq[prev, b]
+                        y[t, b] = 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gradient_gemms(
+    d_a, inputs, h_prev, d_hs, r_seq, w_ih, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
+):
+    """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
+
+    ``d_x`` splits by rows. The weight gradients reduce over rows: each thread sums its
+    block of rows into its own partial result, and the partials are added at the end.
+    """
+    rows = d_a.shape[0]
+    blocks = _blocks(rows, threads)
+    projecting = d_w_hr.shape[0] > 0
+    part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
+    part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
+    part_bias = np.zeros((blocks, d_bias.shape[0]), d_a.dtype)
+    part_w_hr = np.empty((blocks if projecting else 0, *d_w_hr.shape), d_a.dtype)
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, rows)
+        np.dot(d_a[lo:hi], w_ih, d_x[lo:hi])
+        np.dot(d_a[lo:hi].T, inputs[lo:hi], part_w_ih[k])
+        np.dot(d_a[lo:hi].T, h_prev[lo:hi], part_w_hh[k])
+        for row in range(lo, hi):
+            part_bias[k] += d_a[row]
+        if projecting:
+            np.dot(d_hs[lo:hi].T, r_seq[lo:hi], part_w_hr[k])
+    d_w_ih[:] = part_w_ih.sum(axis=0)
+    d_w_hh[:] = part_w_hh.sum(axis=0)
+    d_bias[:] = part_bias.sum(axis=0)
+    if projecting:
+        d_w_hr[:] = part_w_hr.sum(axis=0)
 
 
 @implements(
@@ -184,7 +289,7 @@ def forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_
     "d-projection-weights",
     backend="cpu",
 )
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def backward_kernel(
     x,
     w_ih,
@@ -206,11 +311,14 @@ def backward_kernel(
     d_w_hh,
     d_bias,
     d_w_hr,
+    threads,
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
 
-    Shapes and the first ten arguments are those of :func:`forward_kernel`, as saved by a
-    forward pass with ``C == T``, ``S == T + 1`` and ``R == T`` (with projection).
+    Shapes and the first ten arguments are those of :func:`forward_kernel` (with the
+    weights untransposed), as saved by a forward pass with ``C == T``, ``S == T + 1`` and
+    ``R == T`` (with projection). The time loop runs on blocks of sequences in parallel,
+    like the forward one.
 
     Parameters
     ----------
@@ -230,46 +338,59 @@ def backward_kernel(
     d_w_ih, d_w_hh, d_bias, d_w_hr : arrays, out
         Gradients of the weights (shapes as the weights); ``d_bias`` is the gradient of
         ``b_ih`` and of ``b_hh`` alike. ``d_w_hr`` is ``(0, 0)`` without projection.
+    threads : int
+        Numba threads to split the work over.
     """
     steps_total, batch, n_inputs = x.shape
     hidden = c_seq.shape[2]
+    n_out = h_seq.shape[2]
     projecting = w_hr.shape[0] > 0
     d_r = np.empty((batch, hidden), x.dtype) if projecting else d_h
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
-    times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
-    for t in times:
-        prev = t + 1 if reverse else t
-        cur = t if reverse else t + 1
-        for b in range(batch):
-            if t < lengths[b]:
-                d_h[b] += d_y[t, b]
-        if projecting:
-            for b in range(batch):
+    blocks = _blocks(batch, threads)
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, batch)
+        times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
+        for t in times:
+            prev = t + 1 if reverse else t
+            cur = t if reverse else t + 1
+            for b in range(lo, hi):
                 if t < lengths[b]:
-                    d_hs[t, b] = d_h[b]
-                else:
-                    d_hs[t, b] = 0.0
-            np.dot(d_hs[t], w_hr, d_r)
-        for b in range(batch):
-            if t >= lengths[b]:
-                d_gates[t, b] = 0.0
-                continue
-            cell_backward_row(gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b])
-        np.dot(d_gates[t], w_hh, d_h_recurrent)
-        for b in range(batch):
-            if t < lengths[b]:
-                d_h[b] = d_h_recurrent[b]
+                    d_h[b] += d_y[t, b]
+            if projecting:
+                for b in range(lo, hi):
+                    if t < lengths[b]:
+                        d_hs[t, b] = d_h[b]
+                    else:
+                        d_hs[t, b] = 0.0
+                np.dot(d_hs[t, lo:hi], w_hr, d_r[lo:hi])
+            for b in range(lo, hi):
+                if t >= lengths[b]:
+                    d_gates[t, b] = 0.0
+                    continue
+                cell_backward_row(
+                    gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
+                )
+            np.dot(d_gates[t, lo:hi], w_hh, d_h_recurrent[lo:hi])
+            for b in range(lo, hi):
+                if t < lengths[b]:
+                    d_h[b] = d_h_recurrent[b]
 
-    d_a = d_gates.reshape(-1, 4 * hidden)
-    np.dot(d_a, w_ih, d_x.reshape(-1, n_inputs))
-    np.dot(d_a.T, x.reshape(-1, n_inputs), d_w_ih)
     h_prev = h_seq[1:] if reverse else h_seq[:steps_total]
-    np.dot(d_a.T, h_prev.reshape(-1, h_seq.shape[2]), d_w_hh)
-    d_bias[:] = 0.0
-    for row in range(d_a.shape[0]):
-        d_bias += d_a[row]
-    if projecting:
-        np.dot(d_hs.reshape(-1, h_seq.shape[2]).T, r_seq.reshape(-1, hidden), d_w_hr)
+    _gradient_gemms(
+        d_gates.reshape(-1, 4 * hidden),
+        x.reshape(-1, n_inputs),
+        h_prev.reshape(-1, n_out),
+        d_hs.reshape(-1, n_out),
+        r_seq.reshape(-1, hidden),
+        w_ih,
+        d_x.reshape(-1, n_inputs),
+        d_w_ih,
+        d_w_hh,
+        d_bias,
+        d_w_hr,
+        threads,
+    )
 
 
 class LayerTape(NamedTuple):
@@ -343,7 +464,24 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     first, last = (steps_total % slots, 0) if reverse else (0, steps_total % slots)
     c_seq[first] = c0
     h_seq[first] = h0
-    forward_kernel(x, w_ih, w_hh, bias, w_hr, lengths, reverse, gates, c_seq, h_seq, r_seq, y)
+    w_hh_t = np.ascontiguousarray(w_hh.T)
+    w_hr_t = np.ascontiguousarray(w_hr.T)
+    with single_threaded_blas():
+        forward_kernel(
+            x,
+            w_ih,
+            w_hh_t,
+            bias,
+            w_hr_t,
+            lengths,
+            reverse,
+            gates,
+            c_seq,
+            h_seq,
+            r_seq,
+            y,
+            get_num_threads(),
+        )
     tape = None
     if save:
         tape = LayerTape(x, w_ih, w_hh, w_hr, lengths, reverse, gates, c_seq, h_seq, r_seq)
@@ -378,26 +516,28 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_w_hh = np.empty(w_hh.shape, dtype)
     d_bias = np.empty(w_ih.shape[0], dtype)
     d_w_hr = np.empty(w_hr.shape, dtype)
-    backward_kernel(
-        x,
-        w_ih,
-        w_hh,
-        w_hr,
-        tape.lengths,
-        tape.reverse,
-        tape.gates,
-        tape.c_seq,
-        tape.h_seq,
-        tape.r_seq,
-        d_y,
-        d_h,
-        d_c,
-        d_gates,
-        d_hs,
-        d_x,
-        d_w_ih,
-        d_w_hh,
-        d_bias,
-        d_w_hr,
-    )
+    with single_threaded_blas():
+        backward_kernel(
+            x,
+            w_ih,
+            w_hh,
+            w_hr,
+            tape.lengths,
+            tape.reverse,
+            tape.gates,
+            tape.c_seq,
+            tape.h_seq,
+            tape.r_seq,
+            d_y,
+            d_h,
+            d_c,
+            d_gates,
+            d_hs,
+            d_x,
+            d_w_ih,
+            d_w_hh,
+            d_bias,
+            d_w_hr,
+            get_num_threads(),
+        )
     return LayerGrads(d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_w_hr if projecting else None)
