@@ -81,12 +81,13 @@ def _activations(constants):
     @jit
     def reduce(x):
         # x <= 0 as 2^n and e^r - 1.
-        n = np.floor(x * log2e + half)
+        n_int = math.floor(x * log2e + half)  # math, not np: numba-cuda has no scalar np.floor
+        n = real(n_int)
         r = (x - n * ln2_hi) - n * ln2_lo
         p = zero
         for coefficient in taylor:
             p = coefficient + r * p
-        scale = bits((bits(n) + exponent_bias) << mantissa_bits).view(real)
+        scale = bits((bits(n_int) + exponent_bias) << mantissa_bits).view(real)
         return scale, r * p
 
     @jit

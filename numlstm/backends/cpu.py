@@ -14,6 +14,7 @@ keeps every boundary (``S = T + 1``) for the backward pass; inference keeps two.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -59,6 +60,30 @@ def single_threaded_blas():
                 for library, threads in _blas_saved.items():
                     library.set_num_threads(threads)
                 _blas_saved.clear()
+
+
+def _start_numba_threads():
+    """Start Numba's thread pool with OpenMP's workers sleeping, not spinning, when idle.
+
+    GNU OpenMP's default is to spin after each parallel region. With another OpenMP pool
+    in the process (torch has its own), the spinning workers of each pool took the
+    cores from the other: measured 100x slower for both. Passive workers cost a wake-up
+    per parallel region instead, and this kernel has one per chunk of steps. The policy
+    is read once, when the pool starts, so the environment is restored right after; a
+    policy the user set is kept.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+_start_numba_threads()
 
 
 @functools.cache
