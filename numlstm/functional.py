@@ -44,6 +44,9 @@ class Tape:
         layout; empty without dropout.
     batched, batch_first : bool
         The caller's layout, to give ``d_x`` back in it.
+    device : bool
+        Whether the caller's input was a CUDA array: the gradients then stay on the
+        device; otherwise a CUDA backend copies them to the host.
     """
 
     spec: LSTMSpec
@@ -52,6 +55,17 @@ class Tape:
     dropout_masks: list
     batched: bool
     batch_first: bool
+    device: bool = False
+
+
+def _to_caller_kind(xp, arrays, device):
+    """The results as the kind of array the caller passed: host arrays for host input.
+
+    A CUDA backend's namespace has ``asnumpy``; NumPy's results are host arrays already.
+    """
+    if device or not hasattr(xp, "asnumpy"):
+        return arrays
+    return [xp.asnumpy(a) for a in arrays]
 
 
 def forward(
@@ -142,7 +156,12 @@ def forward_checked(
         # The tape keeps the input for the weight gradient: keep our own copy, so that the
         # caller may reuse the array before calling backward.
         call.x = be.xp.copy(call.x)
-    return run_forward(spec, params, be, call, masks, save)
+    device = backends.is_cuda_array(x)
+    output, (h_n, c_n), tape = run_forward(spec, params, be, call, masks, save)
+    output, h_n, c_n = _to_caller_kind(be.xp, (output, h_n, c_n), device)
+    if tape is not None:
+        tape.device = device
+    return output, (h_n, c_n), tape
 
 
 @dataclass
@@ -463,5 +482,8 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
     d_x = _to_caller_layout(xp, d_above, tape.batched, tape.batch_first)
     d_h0 = _states_to_caller(xp, d_h0, tape.batched)
     d_c0 = _states_to_caller(xp, d_c0, tape.batched)
-    ordered = {name: grads[name] for name in spec.param_shapes()}
-    return d_x, (d_h0, d_c0), ordered
+    names = list(spec.param_shapes())
+    d_x, d_h0, d_c0, *ordered = _to_caller_kind(
+        xp, (d_x, d_h0, d_c0, *(grads[name] for name in names)), tape.device
+    )
+    return d_x, (d_h0, d_c0), dict(zip(names, ordered, strict=True))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import is_cuda_array
 from .validation import (
     FLOAT_DTYPES,
     array_dtype,
@@ -162,7 +163,11 @@ class LSTMSpec:
         for name, shape in shapes.items():
             key = f"{argument}[{name!r}]"
             check_shape(check_array(params[name], key, self.dtype, str(shape)), shape, key)
-        return {name: np.ascontiguousarray(params[name]) for name in shapes}
+        # CUDA arrays stay where they are: the CUDA backend uses them in place.
+        return {
+            name: value if is_cuda_array(value) else np.ascontiguousarray(value)
+            for name, value in ((name, params[name]) for name in shapes)
+        }
 
     @classmethod
     def from_params(cls, params, argument="params"):

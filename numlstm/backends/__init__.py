@@ -93,7 +93,14 @@ def _cuda_status():
         )
     if not cuda.is_available():
         return BackendStatus(False, "numba-cuda is installed, but no CUDA driver or GPU was found")
-    return BackendStatus(False, "this version of numlstm has no CUDA kernels yet")
+    from numba import config
+
+    if config.ENABLE_CUDASIM:
+        return BackendStatus(True, "numba-cuda kernels in the simulator (NUMBA_ENABLE_CUDASIM)")
+    device = cuda.get_current_device()
+    major, minor = device.compute_capability
+    label = device.name.decode() if isinstance(device.name, bytes) else device.name
+    return BackendStatus(True, f"numba-cuda kernels on {label} (sm_{major}{minor})")
 
 
 _STATUS = {"cpu": _cpu_status, "cuda": _cuda_status}

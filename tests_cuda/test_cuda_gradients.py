@@ -1,0 +1,42 @@
+"""The CUDA backend's gradients against central finite differences of its own forward pass.
+
+The same check as ``tests/test_gradients.py`` (every element of every input and parameter,
+float64), on the cuda backend, with few examples: each example runs hundreds of forward
+passes, and the simulator is slow (about 0.1 s for a forward pass of one tiny layer): one
+layer, either direction. Exact agreement with the CPU backend, whose gradients the main
+lane checks the same way on every feature, is checked in ``test_cuda_parity.py`` for
+stacks of layers; this test checks the CUDA gradients without trusting the CPU.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from lstm_cases import cases, forward_backward, make_arrays, zero_states
+from test_gradients import assert_matches_finite_differences, gradients_only
+
+import numlstm
+
+
+@settings(max_examples=3)
+@given(case=cases(max_steps=3, max_batch=2, max_size=2, max_layers=1))
+def test_cuda_gradients_match_finite_differences(case):
+    numlstm.set_backend("cuda")
+    try:
+        arrays = make_arrays(case)
+        analytic = gradients_only(forward_backward(case, arrays))
+        h0, c0 = arrays.hx if case.with_hx else zero_states(case)
+
+        def run():
+            return numlstm.forward(
+                arrays.x,
+                arrays.params,
+                (h0, c0),
+                case.lengths,
+                batch_first=case.batch_first,
+                dropout_masks=arrays.masks,
+            )
+
+        inputs = {"x": arrays.x, "h0": h0, "c0": c0, **arrays.params}
+        assert_matches_finite_differences(analytic, inputs, run, arrays)
+    finally:
+        numlstm.set_backend(None)
