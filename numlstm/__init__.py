@@ -20,6 +20,7 @@ from .backends import (
 from .functional import Tape, backward, forward
 from .grad_mode import is_grad_enabled, no_grad
 from .lstm import LSTM
+from .onnx import from_onnx, to_onnx  # imports the onnx package only when called
 from .params import LSTMSpec
 
 __version__ = "0.1.0"
@@ -34,8 +35,10 @@ __all__ = [
     "available_backends",
     "backward",
     "forward",
+    "from_onnx",
     "get_backend",
     "is_grad_enabled",
     "no_grad",
     "set_backend",
+    "to_onnx",
 ]
