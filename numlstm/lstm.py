@@ -220,6 +220,8 @@ def _lstm_docstring():
     math = " \\\\\n            ".join(
         equation(label)
         for label in (
+            "input-projection",
+            "recurrent-projection",
             "input-gate",
             "forget-gate",
             "cell-candidate",
@@ -236,8 +238,8 @@ def _lstm_docstring():
     )
     return f"""A multi-layer LSTM with exact gradients, with the semantics of ``torch.nn.LSTM``.
 
-    For each step ``t`` of each layer, with ``a_t = W_ih x_t + b_ih + W_hh h_(t-1) + b_hh``
-    split into four gate blocks:
+    For each step ``t`` of each layer, the gate pre-activations ``a_t``, split into four
+    blocks ``a^i_t, a^f_t, a^g_t, a^o_t``, give the gates and the two memories:
 
     .. math::
 
