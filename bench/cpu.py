@@ -1,111 +1,814 @@
 """numlstm's CPU backend against torch.nn.LSTM, in one process, interleaved.
 
-Usage::
+Usage (from the repository root; it needs PyTorch)::
 
-    python bench/cpu.py                      # (T, B, I, H) = (100, 32, 64, 128), float32
-    python bench/cpu.py --shape 50 16 32 64 --dtype float64 --repeats 21
+    python -m bench                          # the whole grid; results in bench/results/
+    python -m bench --quick                  # a smoke run of the first configuration
+    python -m bench --configs 0 2 100,8,16,32,1 --dtype float64 --threads 4
 
-Both run on the same number of threads (``--threads``, default 2). Compilation and
-warm-up are excluded; each repeat times numlstm and torch back to back, and the table
-reports medians, so load on a shared machine hits both alike. Forward is inference
-(``numlstm.no_grad()`` / ``torch.no_grad()``); training is forward + backward.
+``python bench/cpu.py`` takes the same flags where numlstm is installed. Both libraries run
+on the same number of threads (``--threads``, default 2): the thread variables of OpenMP,
+OpenBLAS, MKL and Numba are set before NumPy, Numba and torch are imported, and
+torch.set_num_threads, Numba's set_num_threads and threadpoolctl (when installed) hold them
+there during the run.
+torch.nn.LSTM runs its default CPU path: oneDNN for float32, ATen's own loop over steps for
+float64 (the harness checks which with torch's profiler and records it).
+
+Each configuration is measured in two modes: inference forward (``numlstm.no_grad()`` /
+``torch.no_grad()``) and training forward + backward (the parameter gradients and the input
+gradient on both sides). Compilation and warm-up are excluded. Each repeat times numlstm
+and torch back to back, alternating which goes first, so load on a shared machine hits both
+alike; repeats go on until each side has run for ``--min-time`` seconds and at least
+``--repeats`` times, and the table reports medians.
+
+Work is counted as forward FLOPs = 2·T·B·4H·(I_l + H) summed over layers (I_l = I for the
+first layer, H above it); training counts 3x forward. The BLAS GEMM peak is a square
+``np.dot`` of size ``--gemm-size`` timed in the same run on the same threads, before and
+after the configurations (the higher median counts); the table gives each side's GF/s as a
+percentage of it. The results go to cpu.json (every median, versions, threads, CPU, date),
+cpu.md (the table) and, with matplotlib, cpu.png (the ratios) in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
 import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Environment variables that size the thread pools of OpenMP (torch, oneDNN), OpenBLAS
+#: (NumPy, SciPy, so Numba's np.dot), MKL and Numba's own pool.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
+
+MODES = ("forward", "train")
+DTYPES = ("float32", "float64")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: Above these relative differences between numlstm's and torch's results (forward output,
+#: input gradient) the harness warns that the two may not be doing the same work.
+PARITY_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+#: The run is flagged as disturbed when the load average exceeds the spare CPUs by this
+#: much, or when the GEMM peak changed by more than this fraction between start and end.
+BUSY_LOAD_MARGIN = 0.5
+BUSY_PEAK_CHANGE = 0.15
 
 
-def _limit_threads(threads):
-    # Before NumPy, Numba and torch start their pools.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+@dataclass(frozen=True)
+class Config:
+    """One benchmark shape: sequence length, batch, input size, hidden size, layers."""
+
+    T: int
+    B: int
+    I: int  # noqa: E741 (the equations' name for the input size)
+    H: int
+    layers: int
+
+    @property
+    def label(self):
+        return f"{self.T},{self.B},{self.I},{self.H},{self.layers}"
+
+    def forward_flops(self):
+        """FLOPs of one forward pass: 2·T·B·4H·(I_l + H) summed over the layers."""
+        inputs = [self.I] + [self.H] * (self.layers - 1)
+        return sum(2 * self.T * self.B * 4 * self.H * (n_in + self.H) for n_in in inputs)
+
+    def flops(self, mode):
+        """FLOPs counted for ``mode``: forward, or 3x forward for training."""
+        return self.forward_flops() * (3 if mode == "train" else 1)
+
+
+#: The grid of issue #4, as (T, B, I, H, layers).
+GRID = (
+    Config(50, 16, 32, 64, 1),
+    Config(100, 32, 64, 128, 1),
+    Config(100, 64, 256, 256, 1),
+    Config(200, 8, 128, 512, 1),
+    Config(100, 32, 128, 256, 2),
+    Config(1000, 1, 32, 64, 1),
+)
+#: The configurations also run in float64 when --dtype is not given.
+FLOAT64_DEFAULT = (GRID[0], GRID[1], GRID[2])
+
+
+def parse_config(text):
+    """Read one ``--configs`` entry.
+
+    Parameters
+    ----------
+    text : str
+        A grid index (``"2"``) or five positive integers ``"T,B,I,H,layers"``.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ValueError
+        For an index outside the grid or a string that is not five positive integers.
+    """
+    if text.isdigit():
+        index = int(text)
+        if index >= len(GRID):
+            raise ValueError(
+                f"--configs: index {index} is out of range; expected 0 to {len(GRID) - 1}"
+            )
+        return GRID[index]
+    fields = text.split(",")
+    if len(fields) != 5 or not all(field.strip().isdigit() and int(field) > 0 for field in fields):
+        raise ValueError(
+            f"--configs: expected a grid index or five positive integers 'T,B,I,H,layers', "
+            f"got {text!r}"
+        )
+    return Config(*(int(field) for field in fields))
+
+
+def plan(configs, dtype):
+    """The (config, dtype) pairs to run.
+
+    Parameters
+    ----------
+    configs : list of Config
+    dtype : {"float32", "float64"} or None
+        Run every config in this dtype; None runs all in float32, then those of
+        ``FLOAT64_DEFAULT`` in float64.
+
+    Returns
+    -------
+    list of (Config, str)
+    """
+    if dtype is not None:
+        return [(config, dtype) for config in configs]
+    float64 = [config for config in configs if config in FLOAT64_DEFAULT]
+    return [(config, "float32") for config in configs] + [(config, "float64") for config in float64]
+
+
+def limit_threads(threads):
+    """Set the thread variables; effective for the libraries not yet imported."""
+    for var in THREAD_ENV_VARS:
         os.environ[var] = str(threads)
 
 
-def _timed(function):
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+@contextlib.contextmanager
+def pinned_threads(threads):
+    """Hold torch, Numba and the BLAS pools at ``threads``; yield what each reports.
+
+    On exit the previous thread counts come back, so the harness can run inside another
+    process (the tests) without leaving it changed.
+    """
+    import numba
+    import scipy.linalg.cython_blas  # noqa: F401 (loads the BLAS that Numba's np.dot calls)
+    import torch
+
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        threadpool_info, limits = None, contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(threads)
+    try:
+        with limits:
+            # Numba first: starting its OpenMP threading layer resets torch's thread count.
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            torch.set_num_threads(threads)
+            yield {
+                "requested": threads,
+                "torch": torch.get_num_threads(),
+                "numba": numba.get_num_threads(),
+                "env": {var: os.environ.get(var) for var in THREAD_ENV_VARS},
+                "threadpools": "threadpoolctl is not installed"
+                if threadpool_info is None
+                else [
+                    {key: pool.get(key) for key in ("internal_api", "num_threads", "version")}
+                    for pool in threadpool_info()
+                ],
+            }
+    finally:
+        # After threadpoolctl has put back the pools it knew, for the same reason.
+        numba.set_num_threads(saved[1])
+        torch.set_num_threads(saved[0])
 
 
-def run(shape, dtype_name, repeats, threads):
-    """Time numlstm and torch on one configuration; return a dict of medians (seconds)."""
+def compare(first, second, min_time, min_repeats):
+    """Time two functions interleaved.
+
+    Each repeat runs both back to back, alternating which goes first, until each has run
+    ``min_repeats`` times and for ``min_time`` seconds in total.
+
+    Parameters
+    ----------
+    first, second : callable
+        Functions of no arguments, already warmed up.
+    min_time : float
+        Seconds each side runs in total, at least.
+    min_repeats : int
+        Repeats, at least.
+
+    Returns
+    -------
+    tuple of two lists of float
+        The seconds of each call of ``first`` and of ``second``.
+    """
+    times = ([], [])
+    functions = (first, second)
+    gc.collect()
+    while len(times[0]) < min_repeats or min(sum(times[0]), sum(times[1])) < min_time:
+        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+        for side in order:
+            start = time.perf_counter()
+            functions[side]()
+            times[side].append(time.perf_counter() - start)
+    return times
+
+
+def gemm_peak(dtype, size, repeats):
+    """Time a square ``np.dot`` on the current threads, after one warm-up.
+
+    Parameters
+    ----------
+    dtype : {"float32", "float64"}
+    size : int
+        n of the n x n x n product (2 n^3 FLOPs).
+    repeats : int
+
+    Returns
+    -------
+    dict
+        ``size``, ``repeats``, ``median_s`` and ``gflops`` (from the median).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(dtype) for _ in range(2))
+    out = np.empty((size, size), dtype)
+    np.dot(a, b, out=out)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.dot(a, b, out=out)
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {
+        "size": size,
+        "repeats": repeats,
+        "median_s": median,
+        "gflops": 2 * size**3 / median / 1e9,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (torch's profiler logs to it from C++)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def torch_path(dtype):
+    """Which implementation torch.nn.LSTM runs on the CPU in ``dtype``, from its operators.
+
+    Returns
+    -------
+    str
+        oneDNN when both the inference forward and a training forward + backward run
+        oneDNN's operators (``aten::mkldnn_rnn_layer``, ``..._backward``); otherwise ATen's
+        loop over steps, or a note of which mode does what.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = getattr(torch, dtype)
+    module, x = torch.nn.LSTM(4, 8, dtype=dtype), torch.zeros((3, 2, 4), dtype=dtype)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as forward:
+        with torch.no_grad():
+            module(x)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as train:
+        module(x.clone().requires_grad_())[0].sum().backward()
+    forward_onednn = "aten::mkldnn_rnn_layer" in {event.key for event in forward.key_averages()}
+    train_onednn = "aten::mkldnn_rnn_layer_backward" in {
+        event.key for event in train.key_averages()
+    }
+    if forward_onednn and train_onednn:
+        return "oneDNN (aten::mkldnn_rnn_layer and its backward)"
+    if not forward_onednn and not train_onednn:
+        return "ATen, a loop over steps (aten::lstm)"
+    return f"oneDNN in {'forward' if forward_onednn else 'train'} only"
+
+
+def _relative_difference(actual, expected):
+    import numpy as np
+
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def _models(config, dtype):
+    """numlstm and torch LSTMs with the same weights, an input and an output gradient."""
     import numpy as np
     import torch
 
     import numlstm
 
-    torch.set_num_threads(threads)
-    steps, batch, n_in, hidden = shape
-    dtype = np.dtype(dtype_name)
-    ours = numlstm.LSTM(n_in, hidden, dtype=dtype_name, seed=0)
-    theirs = torch.nn.LSTM(n_in, hidden, dtype=getattr(torch, dtype_name))
+    ours = numlstm.LSTM(
+        config.I, config.H, num_layers=config.layers, dtype=dtype, backend="cpu", seed=0
+    )
+    theirs = torch.nn.LSTM(
+        config.I, config.H, num_layers=config.layers, dtype=getattr(torch, dtype)
+    )
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
-    x = np.random.default_rng(0).standard_normal((steps, batch, n_in)).astype(dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((config.T, config.B, config.I)).astype(dtype)
+    d_output = rng.standard_normal((config.T, config.B, config.H)).astype(dtype)
+    return ours, theirs, x, d_output
+
+
+def bench_config(config, dtype, min_time, min_repeats):
+    """Measure one configuration in both modes, after a warm-up that also compiles.
+
+    Parameters
+    ----------
+    config : Config
+    dtype : {"float32", "float64"}
+    min_time, min_repeats
+        As for :func:`compare`.
+
+    Returns
+    -------
+    rows : list of dict
+        One per mode: the config, dtype, mode, FLOPs, repeats, and each side's median and
+        fastest time in seconds.
+    record : dict
+        The largest relative difference between the two sides' results per mode (forward
+        output, input gradient), which shows that both did the same work.
+    """
+    import torch
+
+    import numlstm
+
+    ours, theirs, x, d_output = _models(config, dtype)
     x_torch = torch.from_numpy(x)
-    d_output = np.ones((steps, batch, hidden), dtype)
+    x_train = x_torch.clone().requires_grad_()
+    d_output_torch = torch.from_numpy(d_output)
 
     def ours_forward():
         with numlstm.no_grad():
-            ours(x)
-
-    def ours_train():
-        ours(x)
-        ours.backward(d_output)
+            return ours(x)[0]
 
     def theirs_forward():
         with torch.no_grad():
-            theirs(x_torch)
+            return theirs(x_torch)[0]
+
+    def ours_train():
+        ours(x)
+        return ours.backward(d_output)[0]
 
     def theirs_train():
-        x_grad = x_torch.clone().requires_grad_()
-        output, _ = theirs(x_grad)
-        output.backward(torch.ones_like(output))
+        x_train.grad = None
+        theirs(x_train)[0].backward(d_output_torch)
+        return x_train.grad
 
-    cases = {
-        "numlstm forward": ours_forward,
-        "torch forward": theirs_forward,
-        "numlstm train": ours_train,
-        "torch train": theirs_train,
+    sides = {"forward": (ours_forward, theirs_forward), "train": (ours_train, theirs_train)}
+    # Warm-up (and Numba's compilation), and a check that both sides compute the same thing:
+    # the output in forward, d_x in training.
+    parity = {}
+    for mode, (ours_fn, theirs_fn) in sides.items():
+        for _ in range(2):
+            ours_result, theirs_result = ours_fn(), theirs_fn()
+        parity[mode] = _relative_difference(ours_result, theirs_result.detach().numpy())
+    record = {
+        "config": config.label,
+        "dtype": dtype,
+        "max_relative_difference": parity,
     }
-    for function in cases.values():  # compile and warm up
-        function()
-        function()
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, function in cases.items():
-            times[name].append(_timed(function))
-    return {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for mode, (ours_fn, theirs_fn) in sides.items():
+        ours_times, theirs_times = compare(ours_fn, theirs_fn, min_time, min_repeats)
+        rows.append(
+            {
+                "config": asdict(config),
+                "label": config.label,
+                "dtype": dtype,
+                "mode": mode,
+                "flops": config.flops(mode),
+                "repeats": len(ours_times),
+                "numlstm_s": statistics.median(ours_times),
+                "torch_s": statistics.median(theirs_times),
+                **_spread("numlstm", ours_times),
+                **_spread("torch", theirs_times),
+            }
+        )
+    return rows, record
+
+
+def _spread(side, seconds):
+    """The fastest time and the interquartile range, to judge a median by."""
+    quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else seconds * 3
+    return {f"{side}_min_s": min(seconds), f"{side}_iqr_s": quartiles[2] - quartiles[0]}
+
+
+def _busy_warnings(report):
+    """Signs that other processes took CPU time during the run, which makes ratios unreliable.
+
+    Interleaving exposes both sides to the same load, but not equally: torch's OpenMP
+    barrier at every time step loses most when the cores are oversubscribed.
+    """
+    warnings = []
+    spare = report["logical_cpus"] - report["threads"]["requested"]
+    # At the end the run's own threads still count in the 1-minute average.
+    threads = report["threads"]["requested"]
+    for when, key, own in (("start", "load_average", 0), ("end", "load_average_end", threads)):
+        load = report[key]
+        if load is not None and load[0] > spare + own + BUSY_LOAD_MARGIN:
+            warnings.append(
+                f"1-minute load average {load[0]:.2f} at the {when} on "
+                f"{report['logical_cpus']} logical CPUs: other processes were running"
+            )
+    for dtype, peak in report["gemm_peak"].items():
+        low, high = sorted((peak["start"]["gflops"], peak["end"]["gflops"]))
+        if low < (1 - BUSY_PEAK_CHANGE) * high:
+            warnings.append(
+                f"the {dtype} GEMM peak changed from {peak['start']['gflops']:.1f} to "
+                f"{peak['end']['gflops']:.1f} GF/s during the run"
+            )
+    return warnings
+
+
+def _add_derived(row, peaks):
+    """Ratio, GF/s and % of the dtype's GEMM peak, from a row's medians."""
+    peak = peaks[row["dtype"]]["gflops"]
+    row["ratio"] = row["numlstm_s"] / row["torch_s"]
+    for side in ("numlstm", "torch"):
+        gflops = row["flops"] / row[f"{side}_s"] / 1e9
+        row[f"{side}_gflops"] = gflops
+        row[f"{side}_peak_pct"] = 100 * gflops / peak
+    return row
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment():
+    import llvmlite
+    import numba
+    import numpy
+    import torch
+
+    import numlstm
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "versions": {
+            "python": platform.python_version(),
+            "numlstm": numlstm.__version__,
+            "numpy": numpy.__version__,
+            "numba": numba.__version__,
+            "llvmlite": llvmlite.__version__,
+            "torch": torch.__version__,
+        },
+        "torch_mkldnn_enabled": torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled,
+    }
+
+
+def _peaks(dtypes, size, repeats):
+    return {dtype: gemm_peak(dtype, size, repeats) for dtype in dtypes}
+
+
+def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=print):
+    """Run the benchmark with the threads pinned, in this process.
+
+    The GEMM peak is measured before and after the configurations; the % of peak uses the
+    higher of the two, so that load during one of them does not flatter the percentages.
+
+    Parameters
+    ----------
+    pairs : list of (Config, str)
+        What to run, as :func:`plan` gives it.
+    threads : int
+    min_time, min_repeats
+        As for :func:`compare`.
+    gemm_size, gemm_repeats
+        As ``size`` and ``repeats`` of :func:`gemm_peak`.
+    log : callable
+        Called with a line of text as each result comes in.
+
+    Returns
+    -------
+    dict
+        The environment (date, CPU, versions, load), ``threads``, ``settings``,
+        ``gemm_peak``, ``torch_path``, ``parity`` and ``results`` (one row per config, dtype
+        and mode, with medians, ratio, GF/s and % of peak): what cpu.json holds.
+    """
+    with pinned_threads(threads) as threads_report:
+        return _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log)
+
+
+def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log):
+    environment = _environment()
+    dtypes = sorted({dtype for _, dtype in pairs})
+    peaks_start = _peaks(dtypes, gemm_size, gemm_repeats)
+    paths = {dtype: torch_path(dtype) for dtype in dtypes}
+    for dtype, peak in peaks_start.items():
+        log(
+            f"{dtype}: BLAS GEMM peak {peak['gflops']:.1f} GF/s (n = {gemm_size}); torch runs "
+            f"{paths[dtype]}"
+        )
+    log("  ".join(COLUMNS))
+    rows, parity = [], []
+    for config, dtype in pairs:
+        config_rows, record = bench_config(config, dtype, min_time, min_repeats)
+        parity.append(record)
+        for row in config_rows:
+            rows.append(_add_derived(row, peaks_start))
+            log(_format_row(row, sep="  "))
+    peaks_end = _peaks(dtypes, gemm_size, gemm_repeats)
+    peaks = {
+        dtype: {
+            "size": gemm_size,
+            "gflops": max(peaks_start[dtype]["gflops"], peaks_end[dtype]["gflops"]),
+            "start": peaks_start[dtype],
+            "end": peaks_end[dtype],
+        }
+        for dtype in dtypes
+    }
+    environment["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report = {
+        **environment,
+        "threads": threads_report,
+        "settings": {"min_time_s": min_time, "min_repeats": min_repeats},
+        "gemm_peak": peaks,
+        "torch_path": paths,
+        "parity": parity,
+        "results": [_add_derived(row, peaks) for row in rows],
+    }
+    report["busy_warnings"] = _busy_warnings(report)
+    return report
+
+
+COLUMNS = (
+    "config (T,B,I,H,L)",
+    "dtype",
+    "mode",
+    "numlstm ms",
+    "torch ms",
+    "numlstm/torch",
+    "numlstm GF/s",
+    "torch GF/s",
+    "numlstm % peak",
+    "torch % peak",
+)
+
+
+def _format_row(row, sep=" | "):
+    cells = (
+        row["label"],
+        row["dtype"],
+        row["mode"],
+        f"{row['numlstm_s'] * 1e3:.3f}",
+        f"{row['torch_s'] * 1e3:.3f}",
+        f"{row['ratio']:.2f}",
+        f"{row['numlstm_gflops']:.1f}",
+        f"{row['torch_gflops']:.1f}",
+        f"{row['numlstm_peak_pct']:.0f}",
+        f"{row['torch_peak_pct']:.0f}",
+    )
+    return sep.join(cells)
+
+
+def _load(load_average):
+    return "unknown" if load_average is None else f"{load_average[0]:.2f}"
+
+
+def markdown(report, command):
+    """The results as a Markdown header and table."""
+    peaks = ", ".join(
+        f"{dtype} {peak['gflops']:.1f} GF/s (n = {peak['size']}; {peak['start']['gflops']:.1f} "
+        f"before the configurations, {peak['end']['gflops']:.1f} after)"
+        for dtype, peak in report["gemm_peak"].items()
+    )
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    paths = ", ".join(f"{dtype} {path}" for dtype, path in report["torch_path"].items())
+    lines = [
+        f"`{command}`, {report['date']}, {report['cpu']}, "
+        f"{report['threads']['requested']} threads, 1-minute load average "
+        f"{_load(report['load_average'])} at the start, {_load(report['load_average_end'])} "
+        "at the end.",
+        "",
+        f"BLAS GEMM peak (np.dot, same threads): {peaks}. torch.nn.LSTM runs: {paths}. {versions}.",
+        "",
+        *(
+            f"**Warning: {warning}; the ratios are unreliable.**"
+            for warning in report["busy_warnings"]
+        ),
+        *([""] if report["busy_warnings"] else []),
+        "Medians of interleaved repeats; forward is inference, train is forward + backward "
+        "(parameter and input gradients); GF/s count 2·T·B·4H·(I+H) per layer, 3x for train.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += [f"| {_format_row(row)} |" for row in report["results"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    """Bar chart of the numlstm/torch ratios; return False (and draw nothing) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    groups = list(dict.fromkeys((row["label"], row["dtype"]) for row in report["results"]))
+    ratio = {(row["label"], row["dtype"], row["mode"]): row["ratio"] for row in report["results"]}
+    width = 0.38
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(groups)), 4.5))
+    for offset, mode in zip((-width / 2, width / 2), MODES, strict=True):
+        bars = axes.bar(
+            [index + offset for index in range(len(groups))],
+            [ratio.get((*group, mode), math.nan) for group in groups],
+            width,
+            label=mode,
+        )
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.axhline(1.0, color="black", linewidth=1)
+    axes.axhline(0.5, color="black", linewidth=1, linestyle="--")
+    # Ratios span orders of magnitude; a log axis shows 2x slower and 2x faster alike.
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xticks(range(len(groups)))
+    axes.set_xticklabels([f"{label}\n{dtype}" for label, dtype in groups], fontsize=8)
+    axes.set_xlabel("config (T,B,I,H,layers), dtype")
+    axes.set_ylabel("time numlstm / torch.nn.LSTM")
+    busy = "\nwarning: the machine was busy, the ratios are unreliable"
+    axes.set_title(
+        f"{report['cpu']}, {report['threads']['requested']} threads, {report['date'][:10]}"
+        + (busy if report["busy_warnings"] else ""),
+        fontsize=10,
+    )
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write(report, out, command):
+    """Write cpu.json, cpu.md and (with matplotlib) cpu.png into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "cpu.json", out / "cpu.md"]
+    paths[0].write_text(json.dumps({**report, "command": command}, indent=1) + "\n")
+    paths[1].write_text(markdown(report, command))
+    if plot(report, out / "cpu.png"):
+        paths.append(out / "cpu.png")
+    return paths
+
+
+def _positive(kind):
+    """An argparse type: ``kind`` (int or float) of the text, which must be > 0."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return convert
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n")[0],
+        epilog="Grid: "
+        + "; ".join(f"{index}: {config.label}" for index, config in enumerate(GRID)),
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="CONFIG",
+        help="grid indices or 'T,B,I,H,layers' strings (default: the whole grid; --quick: 0)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="run every config in this dtype (default: float32 for all, float64 for "
+        + ", ".join(config.label for config in FLOAT64_DEFAULT)
+        + ")",
+    )
+    parser.add_argument(
+        "--threads", type=_positive(int), default=2, help="threads for both (default 2)"
+    )
+    parser.add_argument(
+        "--min-time",
+        type=_positive(float),
+        help="seconds of timed runs per config, mode and side (default 0.3; --quick: 0.05)",
+    )
+    parser.add_argument(
+        "--repeats", type=_positive(int), help="at least this many repeats (default 5; --quick: 3)"
+    )
+    parser.add_argument(
+        "--gemm-size",
+        type=_positive(int),
+        help="size of the GEMM peak test (default 2048; --quick: 1024)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for cpu.json, cpu.md, cpu.png (default bench/results; --quick: a temporary "
+        "folder)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: grid config 0, short timings, a small GEMM",
+    )
+    return parser
 
 
 def main(argv=None):
-    """Run the benchmark and print a table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--shape", type=int, nargs=4, default=[100, 32, 64, 128], metavar=("T", "B", "I", "H")
-    )
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    """Run the benchmark, print the table and write cpu.json, cpu.md and cpu.png.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command-line flags (``python -m bench --help``); default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    dict
+        The report, as :func:`run` returns it.
+    """
+    parser = _parser()
     args = parser.parse_args(argv)
-    _limit_threads(args.threads)
-    medians = run(tuple(args.shape), args.dtype, args.repeats, args.threads)
-    steps, batch, n_in, hidden = args.shape
-    flops = 2 * steps * batch * 4 * hidden * (n_in + hidden)
-    print(
-        f"(T, B, I, H) = {tuple(args.shape)}, {args.dtype}, {args.threads} threads, "
-        f"median of {args.repeats}"
+    try:
+        configs = [parse_config(text) for text in (args.configs or (["0"] if args.quick else []))]
+    except ValueError as error:
+        parser.error(str(error))
+    limit_threads(args.threads)
+    quick = args.quick
+    report = run(
+        plan(configs or list(GRID), args.dtype),
+        threads=args.threads,
+        min_time=args.min_time or (0.05 if quick else 0.3),
+        min_repeats=args.repeats or (3 if quick else 5),
+        gemm_size=args.gemm_size or (1024 if quick else 2048),
+        gemm_repeats=5 if quick else 7,
     )
-    print(f"{'pass':<10}{'numlstm ms':>12}{'torch ms':>12}{'ratio':>8}{'numlstm GF/s':>14}")
-    for kind, work in (("forward", flops), ("train", 3 * flops)):
-        ours, theirs = medians[f"numlstm {kind}"], medians[f"torch {kind}"]
-        print(
-            f"{kind:<10}{ours * 1e3:>12.2f}{theirs * 1e3:>12.2f}{ours / theirs:>8.2f}"
-            f"{work / ours / 1e9:>14.2f}"
-        )
+    out = args.out or (Path(tempfile.mkdtemp(prefix="numlstm-bench-")) if quick else DEFAULT_OUT)
+    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    print()
+    print(markdown(report, command))
+    for record in report["parity"]:
+        tolerance = PARITY_TOLERANCE[record["dtype"]]
+        for mode, difference in record["max_relative_difference"].items():
+            if difference > tolerance:
+                print(
+                    f"warning: {record['config']} {record['dtype']} {mode}: numlstm and torch "
+                    f"differ by {difference:.2e} (relative), more than {tolerance:.0e}"
+                )
+    for path in write(report, out, command):
+        print(f"wrote {path}")
+    return report
 
 
 if __name__ == "__main__":

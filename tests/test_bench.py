@@ -1,0 +1,161 @@
+"""The benchmark harness (bench/cpu.py): its grid, FLOP count, flags and outputs.
+
+The harness runs here on tiny configurations with short timings, in this process; the
+tests check what it writes (JSON keys, table rows, plot), never how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import cpu  # noqa: E402 (after the skip: the harness imports torch)
+
+TINY = (cpu.Config(6, 2, 3, 4, 1), cpu.Config(5, 2, 3, 4, 2))
+
+
+def test_forward_flops_count_each_layer_with_its_input_size():
+    config = cpu.Config(T=5, B=2, I=3, H=4, layers=2)
+    first, second = 2 * 5 * 2 * 4 * 4 * (3 + 4), 2 * 5 * 2 * 4 * 4 * (4 + 4)
+    assert config.forward_flops() == first + second
+    assert config.flops("forward") == first + second
+    assert config.flops("train") == 3 * (first + second)
+
+
+def test_configs_are_grid_indices_or_five_integers():
+    assert cpu.parse_config("2") == cpu.Config(100, 64, 256, 256, 1)
+    assert cpu.parse_config("7,3,2,5,2") == cpu.Config(7, 3, 2, 5, 2)
+    assert cpu.parse_config("7,3,2,5,2").label == "7,3,2,5,2"
+    for text in (str(len(cpu.GRID)), "7,3,2,5", "7,3,2,5,0", "7,3,x,5,1"):
+        with pytest.raises(ValueError, match="--configs"):
+            cpu.parse_config(text)
+
+
+def test_issue_grid_and_default_dtype_plan():
+    assert [config.label for config in cpu.GRID] == [
+        "50,16,32,64,1",
+        "100,32,64,128,1",
+        "100,64,256,256,1",
+        "200,8,128,512,1",
+        "100,32,128,256,2",
+        "1000,1,32,64,1",
+    ]
+    default = cpu.plan(list(cpu.GRID), None)
+    assert [config for config, dtype in default if dtype == "float32"] == list(cpu.GRID)
+    assert [config.label for config, dtype in default if dtype == "float64"] == [
+        "50,16,32,64,1",
+        "100,32,64,128,1",
+        "100,64,256,256,1",
+    ]
+    assert cpu.plan(list(TINY), "float64") == [(config, "float64") for config in TINY]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--configs", "1,2,3"], "--configs: expected a grid index or five positive integers"),
+        (["--threads", "0"], "--threads: expected a positive int, got '0'"),
+        (["--repeats", "-3"], "--repeats: expected a positive int, got '-3'"),
+        (["--min-time", "soon"], "--min-time: expected a positive float, got 'soon'"),
+    ],
+)
+def test_bad_flags_exit_with_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cpu.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _calm_report(**changes):
+    peak = {"start": {"gflops": 100.0}, "end": {"gflops": 95.0}}
+    report = {
+        "logical_cpus": 4,
+        "threads": {"requested": 2},
+        "load_average": (0.3, 0.2, 0.1),
+        "load_average_end": (2.4, 1.0, 0.5),
+        "gemm_peak": {"float32": peak},
+    }
+    return {**report, **changes}
+
+
+def test_busy_machine_is_flagged():
+    assert cpu._busy_warnings(_calm_report()) == []
+    busy_start = cpu._busy_warnings(_calm_report(load_average=(2.9, 1.0, 1.0)))
+    assert busy_start == [
+        "1-minute load average 2.90 at the start on 4 logical CPUs: other processes were running"
+    ]
+    assert "at the end" in cpu._busy_warnings(_calm_report(load_average_end=(4.6, 2, 1)))[0]
+    unstable = {"float32": {"start": {"gflops": 100.0}, "end": {"gflops": 80.0}}}
+    assert cpu._busy_warnings(_calm_report(gemm_peak=unstable)) == [
+        "the float32 GEMM peak changed from 100.0 to 80.0 GF/s during the run"
+    ]
+
+
+@pytest.fixture
+def restored_thread_env(monkeypatch):
+    """main() sets the thread variables of this process; put them back afterwards."""
+    for var in cpu.THREAD_ENV_VARS:
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
+
+
+def test_harness_writes_json_table_and_plot(tmp_path, restored_thread_env, capsys):
+    threads_before = torch.get_num_threads()
+    argv = ["--configs", *(config.label for config in TINY), "--dtype", "float32"]
+    argv += ["--threads", "1", "--min-time", "0.005", "--repeats", "3"]
+    argv += ["--gemm-size", "64", "--out", str(tmp_path)]
+    report = cpu.main(argv)
+
+    assert torch.get_num_threads() == threads_before
+    written = json.loads((tmp_path / "cpu.json").read_text())
+    assert written["command"] == "python -m bench " + " ".join(argv)
+    for key in ("date", "cpu", "versions", "threads", "gemm_peak", "torch_path", "parity"):
+        assert written[key] == report[key]
+    assert written["busy_warnings"] == report["busy_warnings"] == cpu._busy_warnings(report)
+    assert {"numlstm", "numpy", "numba", "torch"} <= set(written["versions"])
+    assert written["threads"]["requested"] == written["threads"]["torch"] == 1
+    assert written["threads"]["env"] == dict.fromkeys(cpu.THREAD_ENV_VARS, "1")
+    assert set(written["gemm_peak"]) == set(written["torch_path"]) == {"float32"}
+    assert written["torch_path"]["float32"].startswith("oneDNN")
+
+    expected = [(config.label, mode) for config in TINY for mode in cpu.MODES]
+    rows = written["results"]
+    assert [(row["label"], row["mode"]) for row in rows] == expected
+    for row, config in zip(rows, [config for config in TINY for _ in cpu.MODES], strict=True):
+        assert row["dtype"] == "float32"
+        assert row["flops"] == config.flops(row["mode"])
+        assert row["repeats"] >= 3
+        for side in ("numlstm", "torch"):
+            assert 0 < row[f"{side}_min_s"] <= row[f"{side}_s"]
+            assert row[f"{side}_iqr_s"] >= 0
+        assert row["ratio"] == pytest.approx(row["numlstm_s"] / row["torch_s"])
+        for side in ("numlstm", "torch"):
+            assert row[f"{side}_gflops"] == pytest.approx(row["flops"] / row[f"{side}_s"] / 1e9)
+            peak = written["gemm_peak"]["float32"]["gflops"]
+            assert row[f"{side}_peak_pct"] == pytest.approx(100 * row[f"{side}_gflops"] / peak)
+    # Both sides computed the same thing (the same weights, input and output gradient).
+    for record in written["parity"]:
+        assert max(record["max_relative_difference"].values()) < cpu.PARITY_TOLERANCE["float32"]
+
+    table = (tmp_path / "cpu.md").read_text().splitlines()
+    warned = [line for line in table if line.startswith("**Warning: ")]
+    assert len(warned) == len(written["busy_warnings"])
+    table_rows = [line for line in table if line.startswith("| ")]
+    assert table_rows[0] == "| " + " | ".join(cpu.COLUMNS) + " |"
+    assert [line.split(" | ")[:3] for line in table_rows[1:]] == [
+        [f"| {label}", "float32", mode] for label, mode in expected
+    ]
+    assert "| 5,2,3,4,2 | float32 | train |" in capsys.readouterr().out
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (tmp_path / "cpu.png").exists()
+    else:
+        assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
