@@ -158,8 +158,15 @@ def plan(configs, dtype):
 
 
 def limit_threads(threads):
-    """Set the thread variables; effective for the libraries not yet imported."""
+    """Set the thread variables; effective for the libraries not yet imported.
+
+    ``NUMBA_NUM_THREADS`` is left alone once Numba is imported: Numba rereads it at every
+    compilation and refuses a value that differs from its running pool
+    (:func:`pinned_threads` sets Numba's threads instead).
+    """
     for var in THREAD_ENV_VARS:
+        if var == "NUMBA_NUM_THREADS" and "numba" in sys.modules:
+            continue
         os.environ[var] = str(threads)
 
 
