@@ -80,14 +80,16 @@ def _activations(constants):
 
     @jit
     def reduce(x):
-        # x <= 0 as 2^n and e^r - 1.
-        n_int = math.floor(x * log2e + half)  # math, not np: numba-cuda has no scalar np.floor
-        n = real(n_int)
-        r = (x - n * ln2_hi) - n * ln2_lo
+        # x <= 0 as 2^-k (e^r - 1 + 1), with k = round(-x / ln 2) >= 0. Rounding a
+        # non-negative number by truncation converts straight to the dtype's integer,
+        # which vectorises at full width (math.floor goes through int64).
+        k = bits(-x * log2e + half)
+        k_real = real(k)
+        r = (x + k_real * ln2_hi) + k_real * ln2_lo
         p = zero
         for coefficient in taylor:
             p = coefficient + r * p
-        scale = bits((bits(n_int) + exponent_bias) << mantissa_bits).view(real)
+        scale = bits((exponent_bias - k) << mantissa_bits).view(real)
         return scale, r * p
 
     @jit
