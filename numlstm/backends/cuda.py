@@ -424,12 +424,19 @@ class LayerTape(NamedTuple):
     r_seq: object
 
 
-def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
+def layer_forward(
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
+):
     """Run one layer and direction forward (entry point shared by every backend).
 
     Arguments and results as :func:`numlstm.backends.cpu.layer_forward`; arrays may be
     NumPy or CUDA arrays, results are device arrays.
     """
+    if peephole is not None or w_u is not None:
+        raise NotImplementedError(
+            "the CUDA backend runs the standard cell only so far: use backend='cpu' for "
+            "cell='peephole' or cell='ltm_stm'"
+        )
     x = cuda_array.ascontiguousarray(x)
     w_ih, w_hh = cuda_array.device_parameter(w_ih), cuda_array.device_parameter(w_hh)
     bias = cuda_array.ascontiguousarray(bias)
