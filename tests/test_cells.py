@@ -227,3 +227,17 @@ def test_the_ltm_stm_reference_is_the_tutorials_equations():
     np.testing.assert_allclose(c_n[0, 0], ltm_t, rtol=1e-12)
     ours = numlstm.forward(x[None, None], p, (stm[None, None], ltm[None, None]))
     np.testing.assert_allclose(ours[1][0][0, 0], stm_t, rtol=1e-12)
+
+
+def test_a_variant_parameter_of_the_wrong_shape_is_named():
+    params = numlstm.LSTM(3, 4, cell="peephole").state_dict()
+    params["peephole_l0"] = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"params\['peephole_l0'\].*\(3, 4\).*\(4, 3\)"):
+        numlstm.forward(np.zeros((2, 1, 3), np.float32), params)
+
+
+def test_ltm_stm_parameters_with_a_projection_are_a_value_error():
+    params = numlstm.LSTM(3, 4, cell="ltm_stm").state_dict()
+    params["weight_hr_l0"] = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"proj_size must be 0 with cell='ltm_stm'"):
+        numlstm.forward(np.zeros((2, 1, 3), np.float32), params)
