@@ -330,27 +330,54 @@ def _relative_difference(actual, expected):
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
 
 
-def _models(config, dtype):
-    """numlstm and torch LSTMs with the same weights, an input and an output gradient."""
+#: The cells ``--cell`` takes; a variant is timed against numlstm's standard cell.
+CELLS = ("standard", "peephole", "ltm_stm")
+
+
+def baseline(cell):
+    """What the second side of the comparison runs: torch, or numlstm's standard cell."""
+    return "torch" if cell == "standard" else "standard cell"
+
+
+def _models(config, dtype, cell="standard"):
+    """numlstm's LSTM of ``cell`` and its baseline, an input and an output gradient.
+
+    The baseline is ``torch.nn.LSTM`` for the standard cell, and numlstm's standard cell
+    for a variant (which torch does not have); both sides share the standard weights.
+    """
     import numpy as np
     import torch
 
     import numlstm
 
-    ours = numlstm.LSTM(
-        config.I, config.H, num_layers=config.layers, dtype=dtype, backend="cpu", seed=0
-    )
-    theirs = torch.nn.LSTM(
-        config.I, config.H, num_layers=config.layers, dtype=getattr(torch, dtype)
-    )
-    theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    def numlstm_model(cell):
+        return numlstm.LSTM(
+            config.I,
+            config.H,
+            num_layers=config.layers,
+            dtype=dtype,
+            backend="cpu",
+            seed=0,
+            cell=cell,
+        )
+
+    ours = numlstm_model(cell)
+    if cell == "standard":
+        theirs = torch.nn.LSTM(
+            config.I, config.H, num_layers=config.layers, dtype=getattr(torch, dtype)
+        )
+        theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    else:
+        theirs = numlstm_model("standard")
+        shared = ours.state_dict()
+        theirs.load_state_dict({name: shared[name] for name in theirs.state_dict()})
     rng = np.random.default_rng(0)
     x = rng.standard_normal((config.T, config.B, config.I)).astype(dtype)
     d_output = rng.standard_normal((config.T, config.B, config.H)).astype(dtype)
     return ours, theirs, x, d_output
 
 
-def bench_config(config, dtype, min_time, min_repeats):
+def bench_config(config, dtype, min_time, min_repeats, cell="standard"):
     """Measure one configuration in both modes, after a warm-up that also compiles.
 
     Parameters
@@ -359,6 +386,9 @@ def bench_config(config, dtype, min_time, min_repeats):
     dtype : {"float32", "float64"}
     min_time, min_repeats
         As for :func:`compare`.
+    cell : str
+        numlstm's cell; a variant is compared with numlstm's standard cell (its time is in
+        the rows' ``torch_s``: the baseline side), and has no parity check.
 
     Returns
     -------
@@ -373,28 +403,35 @@ def bench_config(config, dtype, min_time, min_repeats):
 
     import numlstm
 
-    ours, theirs, x, d_output = _models(config, dtype)
+    ours, theirs, x, d_output = _models(config, dtype, cell)
     x_torch = torch.from_numpy(x)
     x_train = x_torch.clone().requires_grad_()
     d_output_torch = torch.from_numpy(d_output)
 
-    def ours_forward():
-        with numlstm.no_grad():
-            return ours(x)[0]
+    def numlstm_sides(model):
+        def forward():
+            with numlstm.no_grad():
+                return model(x)[0]
+
+        def train():
+            model(x)
+            return model.backward(d_output)[0]
+
+        return forward, train
+
+    ours_forward, ours_train = numlstm_sides(ours)
 
     def theirs_forward():
         with torch.no_grad():
             return theirs(x_torch)[0]
-
-    def ours_train():
-        ours(x)
-        return ours.backward(d_output)[0]
 
     def theirs_train():
         x_train.grad = None
         theirs(x_train)[0].backward(d_output_torch)
         return x_train.grad
 
+    if cell != "standard":
+        theirs_forward, theirs_train = numlstm_sides(theirs)
     sides = {"forward": (ours_forward, theirs_forward), "train": (ours_train, theirs_train)}
     # Warm-up (and Numba's compilation), and a check that both sides compute the same thing:
     # the output in forward, d_x in training.
@@ -402,7 +439,8 @@ def bench_config(config, dtype, min_time, min_repeats):
     for mode, (ours_fn, theirs_fn) in sides.items():
         for _ in range(2):
             ours_result, theirs_result = ours_fn(), theirs_fn()
-        parity[mode] = _relative_difference(ours_result, theirs_result.detach().numpy())
+        if cell == "standard":  # a variant computes something else than its baseline
+            parity[mode] = _relative_difference(ours_result, theirs_result.detach().numpy())
     record = {
         "config": config.label,
         "dtype": dtype,
@@ -416,6 +454,8 @@ def bench_config(config, dtype, min_time, min_repeats):
                 "config": asdict(config),
                 "label": config.label,
                 "dtype": dtype,
+                "cell": cell,
+                "baseline": baseline(cell),
                 "mode": mode,
                 "flops": config.flops(mode),
                 "repeats": len(ours_times),
@@ -514,7 +554,7 @@ def _peaks(dtypes, size, repeats):
     return {dtype: gemm_peak(dtype, size, repeats) for dtype in dtypes}
 
 
-def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=print):
+def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=print, cell="standard"):
     """Run the benchmark with the threads pinned, in this process.
 
     The GEMM peak is measured before and after the configurations; the % of peak uses the
@@ -531,6 +571,8 @@ def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=prin
         As ``size`` and ``repeats`` of :func:`gemm_peak`.
     log : callable
         Called with a line of text as each result comes in.
+    cell : str
+        numlstm's cell (see :func:`bench_config`).
 
     Returns
     -------
@@ -540,10 +582,12 @@ def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=prin
         and mode, with medians, ratio, GF/s and % of peak): what cpu.json holds.
     """
     with pinned_threads(threads) as threads_report:
-        return _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log)
+        return _run(
+            pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log, cell
+        )
 
 
-def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log):
+def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log, cell):
     environment = _environment()
     dtypes = sorted({dtype for _, dtype in pairs})
     peaks_start = _peaks(dtypes, gemm_size, gemm_repeats)
@@ -553,10 +597,10 @@ def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, 
             f"{dtype}: BLAS GEMM peak {peak['gflops']:.1f} GF/s (n = {gemm_size}); torch runs "
             f"{paths[dtype]}"
         )
-    log("  ".join(COLUMNS))
+    log("  ".join(_columns(cell)))
     rows, parity = [], []
     for config, dtype in pairs:
-        config_rows, record = bench_config(config, dtype, min_time, min_repeats)
+        config_rows, record = bench_config(config, dtype, min_time, min_repeats, cell)
         parity.append(record)
         for row in config_rows:
             rows.append(_add_derived(row, peaks_start))
@@ -575,6 +619,8 @@ def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, 
     report = {
         **environment,
         "threads": threads_report,
+        "cell": cell,
+        "baseline": baseline(cell),
         "settings": {"min_time_s": min_time, "min_repeats": min_repeats},
         "gemm_peak": peaks,
         "torch_path": paths,
@@ -597,6 +643,11 @@ COLUMNS = (
     "numlstm % peak",
     "torch % peak",
 )
+
+
+def _columns(cell):
+    """The table's columns, the baseline named as :func:`baseline` names it."""
+    return tuple(column.replace("torch", baseline(cell)) for column in COLUMNS)
 
 
 def _format_row(row, sep=" | "):
@@ -644,7 +695,16 @@ def markdown(report, command):
         "Medians of interleaved repeats; forward is inference, train is forward + backward "
         "(parameter and input gradients); GF/s count 2·T·B·4H·(I+H) per layer, 3x for train.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
+        *(
+            [
+                f"numlstm runs cell='{report['cell']}'; the baseline is numlstm's standard "
+                "cell on the same weights.",
+                "",
+            ]
+            if report.get("cell", "standard") != "standard"
+            else []
+        ),
+        "| " + " | ".join(_columns(report.get("cell", "standard"))) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += [f"| {_format_row(row)} |" for row in report["results"]]
@@ -682,7 +742,12 @@ def plot(report, path):
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels([f"{label}\n{dtype}" for label, dtype in groups], fontsize=8)
     axes.set_xlabel("config (T,B,I,H,layers), dtype")
-    axes.set_ylabel("time numlstm / torch.nn.LSTM")
+    cell = report.get("cell", "standard")
+    axes.set_ylabel(
+        "time numlstm / torch.nn.LSTM"
+        if cell == "standard"
+        else f"time cell='{cell}' / standard cell"
+    )
     busy = "\nwarning: the machine was busy, the ratios are unreliable"
     axes.set_title(
         f"{report['cpu']}, {report['threads']['requested']} threads, {report['date'][:10]}"
@@ -765,6 +830,13 @@ def _parser():
         "folder)",
     )
     parser.add_argument(
+        "--cell",
+        choices=CELLS,
+        default="standard",
+        help="numlstm's cell; a variant is timed against numlstm's standard cell (default "
+        "standard, against torch)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: grid config 0, short timings, a small GEMM",
@@ -800,6 +872,7 @@ def main(argv=None):
         min_repeats=args.repeats or (3 if quick else 5),
         gemm_size=args.gemm_size or (1024 if quick else 2048),
         gemm_repeats=5 if quick else 7,
+        cell=args.cell,
     )
     out = args.out or (Path(tempfile.mkdtemp(prefix="numlstm-bench-")) if quick else DEFAULT_OUT)
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])

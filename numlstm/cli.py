@@ -14,6 +14,7 @@ import platform
 import sys
 
 from . import __version__, backends, demo
+from .validation import CELLS
 
 #: Exit status for a backend that cannot run here (as for a usage error).
 EXIT_BACKEND_ERROR = 2
@@ -110,6 +111,13 @@ def build_parser():
         help="Adam's initial learning rate (it decays to 0 along a cosine)",
     )
     demo_parser.add_argument(
+        "--cell",
+        choices=CELLS,
+        default="standard",
+        help="the LSTM's cell: the standard one, with peephole connections, or the "
+        "tutorial's LTM/STM cell whose use gate has a layer of its own",
+    )
+    demo_parser.add_argument(
         "--seed",
         type=_int_at_least(0),
         default=0,
@@ -158,7 +166,8 @@ def run_demo(args):
         return EXIT_BACKEND_ERROR
     print(
         f"numlstm {__version__} demo: the adding problem, {args.seq_len} steps per sequence\n"
-        f"model: LSTM(2, {args.hidden}) + linear readout, float32, {backend} backend\n"
+        f"model: LSTM(2, {args.hidden}, cell='{args.cell}') + linear readout, float32, "
+        f"{backend} backend\n"
         f"training: Adam, lr {args.lr:g} (cosine decay), batch {args.batch_size}, "
         f"{args.steps} steps, gradient norm clipped at {demo.CLIP_NORM:g}, seed {args.seed}",
         flush=True,
@@ -172,6 +181,7 @@ def run_demo(args):
         seed=args.seed,
         backend=args.backend,
         progress=demo.Progress(args.steps),
+        cell=args.cell,
     )
     print(
         f"trained in {result.seconds:.1f} s\n"

@@ -166,10 +166,13 @@ class AddingModel:
         ``"float32"`` or ``"float64"``.
     backend : str
         The LSTM's backend, ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    cell : str
+        The LSTM's cell: ``"standard"``, ``"peephole"`` or ``"ltm_stm"``.
     """
 
-    def __init__(self, hidden, rng, dtype="float32", backend="auto"):
-        self.lstm = LSTM(2, hidden, dtype=dtype, backend=backend, seed=int(rng.integers(2**31)))
+    def __init__(self, hidden, rng, dtype="float32", backend="auto", cell="standard"):
+        seed = int(rng.integers(2**31))
+        self.lstm = LSTM(2, hidden, dtype=dtype, backend=backend, seed=seed, cell=cell)
         bound = 1 / math.sqrt(hidden)
         self.readout = {
             "readout_weight": rng.uniform(-bound, bound, hidden).astype(dtype),
@@ -267,6 +270,7 @@ def train(
     dtype="float32",
     test_size=TEST_SIZE,
     progress=None,
+    cell="standard",
 ):
     """Train an :class:`AddingModel` on the adding problem and test it.
 
@@ -297,6 +301,8 @@ def train(
         Sequences in the held-out test set.
     progress : callable, optional
         Called as ``progress(step, loss)`` after each step (``step`` from 1).
+    cell : str
+        The LSTM's cell: ``"standard"``, ``"peephole"`` or ``"ltm_stm"``.
 
     Returns
     -------
@@ -309,7 +315,7 @@ def train(
     """
     train_seed, model_seed, test_seed = np.random.SeedSequence(seed).spawn(3)
     data_rng = np.random.default_rng(train_seed)
-    model = AddingModel(hidden, np.random.default_rng(model_seed), dtype, backend)
+    model = AddingModel(hidden, np.random.default_rng(model_seed), dtype, backend, cell)
     optimizer = Adam(model.parameters(), lr=lr)
     losses = np.empty(steps)
     start = time.perf_counter()

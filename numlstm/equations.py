@@ -85,6 +85,32 @@ EQUATIONS: dict[str, Equation] = {
         r"h_t = h_{t-1},\ c_t = c_{t-1},\ y_t = 0 \quad \text{for steps beyond the length}",
         "padded steps carry the state unchanged and output zeros",
     ),
+    # Forward, peephole cell (cell="peephole"): p = [p_i; p_f; p_o], one row per gate.
+    "peephole-input-gate": Equation(
+        r"i_t = \sigma(a^i_t + p_i \odot c_{t-1})",
+        "peephole: the ignore factor also sees the old long-term memory",
+    ),
+    "peephole-forget-gate": Equation(
+        r"f_t = \sigma(a^f_t + p_f \odot c_{t-1})",
+        "peephole: the forget factor also sees the old long-term memory",
+    ),
+    "peephole-output-gate": Equation(
+        r"o_t = \sigma(a^o_t + p_o \odot c_t)",
+        "peephole: the use gate also sees the new long-term memory",
+    ),
+    # Forward, the tutorial's LTM/STM cell (cell="ltm_stm"): the o block is its V gate.
+    "kept-memory": Equation(
+        r"m_t = f_t \odot c_{t-1}",
+        "LTM/STM: the forget gate's output, the long-term memory kept",
+    ),
+    "use-layer": Equation(
+        r"U_t = \tanh(W_u m_t + b_u)",
+        "LTM/STM: the use gate's own layer reads the kept memory (one product per step)",
+    ),
+    "use-gate-output": Equation(
+        r"h_t = U_t \odot o_t",
+        "LTM/STM: the new short-term memory, STM_t = U_t V_t with V_t = o_t",
+    ),
     # Backward.
     "d-hidden": Equation(
         r"\delta h_t = \delta y_t + W_{hh}^\top \delta a_{t+1}",
@@ -132,6 +158,44 @@ EQUATIONS: dict[str, Equation] = {
     "d-initial-state": Equation(
         r"\delta h_0 = W_{hh}^\top \delta a_1,\ \delta c_0 = \delta c_1 \odot f_1",
         "gradients at the initial states",
+    ),
+    # Backward, peephole cell.
+    "d-peephole-cell": Equation(
+        r"\delta c_t = \delta c_{t+1} \odot f_{t+1} + p_i \odot \delta a^i_{t+1}"
+        r" + p_f \odot \delta a^f_{t+1}"
+        r" + \delta r_t \odot o_t \odot (1 - \tanh^2(c_t)) + p_o \odot \delta a^o_t",
+        "peephole: the long-term memory's gradient also flows back through the peepholes",
+    ),
+    "d-peephole-weights": Equation(
+        r"\delta p_i = \sum_t \delta a^i_t \odot c_{t-1},\ "
+        r"\delta p_f = \sum_t \delta a^f_t \odot c_{t-1},\ "
+        r"\delta p_o = \sum_t \delta a^o_t \odot c_t",
+        "peephole: gradients of the peephole weights, sums over all steps",
+    ),
+    # Backward, LTM/STM cell.
+    "d-use-gate": Equation(
+        r"\delta a^u_t = \delta h_t \odot o_t \odot (1 - U_t^2)",
+        "LTM/STM: gradient at the use layer's pre-activation",
+    ),
+    "d-use-layer": Equation(
+        r"\delta a^o_t = \delta h_t \odot U_t \odot o_t (1 - o_t)",
+        "LTM/STM: gradient at the V gate's pre-activation",
+    ),
+    "d-kept-memory": Equation(
+        r"\delta m_t = W_u^\top \delta a^u_t",
+        "LTM/STM: gradient at the kept memory, through the use layer (one product per step)",
+    ),
+    "d-ltm-stm-cell": Equation(
+        r"\delta c_t = (\delta c_{t+1} + \delta m_{t+1}) \odot f_{t+1}",
+        "LTM/STM: the long-term memory feeds only the next step",
+    ),
+    "d-ltm-stm-forget-gate": Equation(
+        r"\delta a^f_t = (\delta c_t + \delta m_t) \odot c_{t-1} \odot f_t (1 - f_t)",
+        "LTM/STM: the forget gate also feeds the use layer",
+    ),
+    "d-use-weights": Equation(
+        r"\delta W_u = \sum_t \delta a^u_t m_t^\top,\ \delta b_u = \sum_t \delta a^u_t",
+        "LTM/STM: gradients of the use layer, one GEMM over all steps",
     ),
 }
 

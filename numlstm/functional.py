@@ -90,8 +90,10 @@ def forward(
     params : dict of str to array
         Parameters named and shaped as ``torch.nn.LSTM`` names them (``weight_ih_l0``,
         ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0``, with the suffix
-        ``_reverse`` for the reverse direction). Layers, directions, bias and projection
-        are inferred from the names present.
+        ``_reverse`` for the reverse direction), plus the cell variant's own:
+        ``peephole_l0`` for ``cell="peephole"``, ``weight_u_l0`` (and ``bias_u_l0``) for
+        ``cell="ltm_stm"`` (see :class:`numlstm.LSTMSpec`). Layers, directions, bias,
+        projection and the cell are inferred from the names present.
     hx : tuple of two arrays, optional
         Initial states ``(h0, c0)``, shaped ``(num_layers * D, B, H_out)`` and
         ``(num_layers * D, B, hidden_size)`` (without the B axis for unbatched input).
@@ -368,6 +370,9 @@ def run_forward(spec, params, be, call, masks, save):
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = spec.layer_weights(params, layer, direction)
+            peephole, w_u, b_u = spec.cell_weights(params, layer, direction)
+            if w_u is not None and b_u is None:
+                b_u = xp.zeros(spec.hidden_size, spec.dtype)
             y, h_n[k], c_n[k], tape = be.layer_forward(
                 layer_input,
                 w_ih,
@@ -379,6 +384,9 @@ def run_forward(spec, params, be, call, masks, save):
                 call.lengths,
                 direction == 1,
                 save,
+                peephole=peephole,
+                w_u=w_u,
+                b_u=b_u,
             )
             outputs.append(y)
             tapes.append(tape)
@@ -476,6 +484,12 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
                 grads[param_name("bias_hh", layer, direction)] = xp.copy(g.d_bias)
             if spec.proj_size:
                 grads[param_name("weight_hr", layer, direction)] = g.d_w_hr
+            if spec.cell == "peephole":
+                grads[param_name("peephole", layer, direction)] = g.d_peephole
+            if spec.cell == "ltm_stm":
+                grads[param_name("weight_u", layer, direction)] = g.d_w_u
+                if spec.bias:
+                    grads[param_name("bias_u", layer, direction)] = g.d_b_u
         if layer > 0 and tape.dropout_masks:
             d_input = xp.multiply(d_input, tape.dropout_masks[layer - 1])
         d_above = d_input

@@ -260,3 +260,170 @@ def cell_backward(i, f, g, o, c_prev, c, d_r, d_c_next):
     d_a_g = d_c * i * d_tanh(g)
     d_a_o = d_r * tanh_c * d_sigmoid(o)
     return d_a_i, d_a_f, d_a_g, d_a_o, d_c * f
+
+
+@implements(
+    "peephole-input-gate",
+    "peephole-forget-gate",
+    "cell-candidate",
+    "peephole-output-gate",
+    "cell-update",
+    "hidden-update",
+    backend="shared",
+)
+@njit(nogil=True, error_model="numpy", inline="always")
+def cell_forward_peephole(a_i, a_f, a_g, a_o, c_prev, p_i, p_f, p_o):
+    """:func:`cell_forward` with peephole connections (Gers and Schmidhuber 2000).
+
+    The input and forget gates also see the old long-term memory ``c_{t-1}``, the output
+    gate sees the new one ``c_t``.
+
+    Parameters
+    ----------
+    a_i, a_f, a_g, a_o : float
+        Gate pre-activations without the peephole terms.
+    c_prev : float
+        The long-term memory ``c_{t-1}``.
+    p_i, p_f, p_o : float
+        The unit's peephole weights.
+
+    Returns
+    -------
+    i, f, g, o, c, r : float
+        As :func:`cell_forward`.
+    """
+    i = sigmoid(a_i + p_i * c_prev)
+    f = sigmoid(a_f + p_f * c_prev)
+    g = tanh(a_g)
+    c = f * c_prev + i * g
+    o = sigmoid(a_o + p_o * c)
+    r = o * tanh(c)
+    return i, f, g, o, c, r
+
+
+@implements(
+    "d-output-gate",
+    "d-peephole-cell",
+    "d-input-gate",
+    "d-forget-gate",
+    "d-cell-candidate",
+    backend="shared",
+)
+@njit(nogil=True, error_model="numpy", inline="always")
+def cell_backward_peephole(i, f, g, o, c_prev, c, p_i, p_f, p_o, d_r, d_c_next):
+    """Backward of :func:`cell_forward_peephole` for one hidden unit of one step.
+
+    Parameters
+    ----------
+    i, f, g, o, c_prev, c, d_r, d_c_next : float
+        As :func:`cell_backward`.
+    p_i, p_f, p_o : float
+        The unit's peephole weights.
+
+    Returns
+    -------
+    d_a_i, d_a_f, d_a_g, d_a_o : float
+        Gradients at the gate pre-activations (which are also those at the peephole
+        terms: ``δp_i = Σ δa^i c_{t-1}``, ``δp_f = Σ δa^f c_{t-1}``, ``δp_o = Σ δa^o c_t``).
+    d_c_prev : float
+        The gradient carried to ``c_{t-1}``: ``δc_t ⊙ f_t + p_i δa^i_t + p_f δa^f_t``.
+    """
+    tanh_c = tanh(c)
+    d_a_o = d_r * tanh_c * d_sigmoid(o)
+    d_c = d_c_next + d_r * o * d_tanh(tanh_c) + p_o * d_a_o
+    d_a_i = d_c * g * d_sigmoid(i)
+    d_a_f = d_c * c_prev * d_sigmoid(f)
+    d_a_g = d_c * i * d_tanh(g)
+    return d_a_i, d_a_f, d_a_g, d_a_o, d_c * f + p_i * d_a_i + p_f * d_a_f
+
+
+@implements(
+    "input-gate",
+    "forget-gate",
+    "cell-candidate",
+    "output-gate",
+    "cell-update",
+    "kept-memory",
+    backend="shared",
+)
+@njit(nogil=True, error_model="numpy", inline="always")
+def cell_forward_ltm_stm(a_i, a_f, a_g, a_v, c_prev):
+    """The LTM/STM cell's gates and memory update for one hidden unit of one step.
+
+    The tutorial's cell: learn gate ``N = g``, ignore factor ``i``, forget factor ``f``
+    and the use gate's factor ``V = v``; the remember gate gives the new long-term
+    memory. The use gate's layer reads the kept memory ``m = f ⊙ c_{t-1}`` through
+    ``W_u``, a product over all units; :func:`use_gate_ltm_stm` finishes the step.
+
+    Returns
+    -------
+    i, f, g, v : float
+        The gate activations, saved for the backward pass.
+    c : float
+        The new long-term memory ``LTM_t``.
+    m : float
+        The kept memory ``LTM_{t-1} ⊙ f_t``, the use layer's input.
+    """
+    i = sigmoid(a_i)
+    f = sigmoid(a_f)
+    g = tanh(a_g)
+    v = sigmoid(a_v)
+    m = f * c_prev
+    return i, f, g, v, m + i * g, m
+
+
+@implements("use-layer", "use-gate-output", backend="shared")
+@njit(nogil=True, error_model="numpy", inline="always")
+def use_gate_ltm_stm(a_u, v):
+    """The LTM/STM cell's use gate: ``U = tanh(a^u)``, ``STM_t = U ⊙ V``.
+
+    Returns
+    -------
+    u, h : float
+    """
+    u = tanh(a_u)
+    return u, u * v
+
+
+@implements("d-use-gate", "d-use-layer", backend="shared")
+@njit(nogil=True, error_model="numpy", inline="always")
+def use_gate_backward_ltm_stm(u, v, d_h):
+    """Backward of :func:`use_gate_ltm_stm`: ``(δa^u, δa^v)`` from ``δSTM_t``."""
+    return d_h * v * d_tanh(u), d_h * u * d_sigmoid(v)
+
+
+@implements(
+    "d-ltm-stm-cell",
+    "d-input-gate",
+    "d-ltm-stm-forget-gate",
+    "d-cell-candidate",
+    backend="shared",
+)
+@njit(nogil=True, error_model="numpy", inline="always")
+def cell_backward_ltm_stm(i, f, g, c_prev, d_m, d_c_next):
+    """Backward of :func:`cell_forward_ltm_stm` for one hidden unit of one step.
+
+    Parameters
+    ----------
+    i, f, g : float
+        The gate activations saved by the forward pass.
+    c_prev : float
+        ``LTM_{t-1}``.
+    d_m : float
+        Gradient at the kept memory ``m = f ⊙ c_{t-1}`` from the use layer
+        (``W_u^T δa^u``).
+    d_c_next : float
+        Gradient at ``LTM_t`` carried back from step ``t + 1``: ``LTM_t`` feeds only the
+        next step, not ``STM_t``.
+
+    Returns
+    -------
+    d_a_i, d_a_f, d_a_g : float
+    d_c_prev : float
+        ``(δLTM_t + δm) ⊙ f_t``.
+    """
+    d_kept = d_c_next + d_m
+    d_a_i = d_c_next * g * d_sigmoid(i)
+    d_a_f = d_kept * c_prev * d_sigmoid(f)
+    d_a_g = d_c_next * i * d_tanh(g)
+    return d_a_i, d_a_f, d_a_g, d_kept * f

@@ -36,9 +36,10 @@ class LSTM:
         dtype="float32",
         backend="auto",
         seed=None,
+        cell="standard",
     ):
         self.spec = LSTMSpec(
-            input_size, hidden_size, num_layers, bias, bidirectional, proj_size, dtype
+            input_size, hidden_size, num_layers, bias, bidirectional, proj_size, dtype, cell
         )
         self.batch_first = check_bool(batch_first, "batch_first")
         self.dropout = check_probability(dropout, "dropout")
@@ -66,6 +67,7 @@ class LSTM:
     bidirectional = property(lambda self: self.spec.bidirectional, doc="``D = 2`` if True.")
     proj_size = property(lambda self: self.spec.proj_size, doc="``P``, or 0.")
     dtype = property(lambda self: self.spec.dtype, doc="float32 or float64.")
+    cell = property(lambda self: self.spec.cell, doc="The cell variant.")
 
     def __repr__(self):
         options = [
@@ -77,6 +79,7 @@ class LSTM:
             f"proj_size={self.proj_size}" if self.proj_size else "",
             f"dtype='{self.dtype}'",
             f"backend='{self.backend}'",
+            f"cell='{self.cell}'" if self.cell != "standard" else "",
         ]
         text = ", ".join([str(self.input_size), str(self.hidden_size), *filter(None, options)])
         return f"LSTM({text})"
@@ -287,6 +290,16 @@ def _lstm_docstring():
         ``NUMLSTM_BACKEND`` where set, else picks by the kind of array passed in.
     seed : int, optional
         Seeds the initial parameters and the dropout masks.
+    cell : {{"standard", "peephole", "ltm_stm"}}, default "standard"
+        The cell variant. ``"standard"`` is the cell above (PyTorch's). ``"peephole"``
+        adds peephole connections (Gers and Schmidhuber 2000, ONNX's ``P`` input):
+        :math:`{equation("peephole-input-gate")}`,
+        :math:`{equation("peephole-forget-gate")}`,
+        :math:`{equation("peephole-output-gate")}`, with the weights
+        ``peephole_l{{k}}`` ``(3, H)``, rows i, f, o. ``"ltm_stm"`` is the tutorial's cell,
+        whose use gate has a layer of its own: :math:`{equation("kept-memory")}`,
+        :math:`{equation("use-layer")}`, :math:`{equation("use-gate-output")}`, with
+        ``weight_u_l{{k}}`` ``(H, H)`` and ``bias_u_l{{k}}`` ``(H,)`` (no projection).
 
     Attributes
     ----------

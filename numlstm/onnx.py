@@ -4,7 +4,8 @@ A numlstm layer is one ONNX ``LSTM`` node. The equations are the same; the stack
 differ only in the order of the four gate blocks. numlstm (and PyTorch) stack them as
 ``(i, f, g, o)``; ONNX stacks them as ``(i, o, f, c)``, where ONNX's ``c`` is our cell
 candidate ``g``. ONNX's ``B`` is ``[W_b, R_b]``, our ``bias_ih`` and ``bias_hh`` side by
-side.
+side. A peephole cell (``cell="peephole"``) is ONNX's LSTM with its ``P`` input, whose three
+rows per direction are ordered ``(i, o, f)``; ours (``peephole_l{k}``) are ``(i, f, o)``.
 
 The ``onnx`` package is imported only when one of these functions runs, so ``import numlstm``
 works without it (``pip install "numlstm[onnx]"`` brings it).
@@ -75,12 +76,21 @@ class _LayerWeights(NamedTuple):
     """One ONNX ``LSTM`` node's weights, directions stacked on axis 0 (forward first).
 
     ``W`` is ``(D, 4H, I_k)``, ``R`` is ``(D, 4H, H)``, ``B`` is ``(D, 8H)`` or None without
-    bias; the gate blocks in ONNX's order :data:`ONNX_GATES`.
+    bias; the gate blocks in ONNX's order :data:`ONNX_GATES`. ``P`` is ``(D, 3H)``, the
+    peephole weights in ONNX's row order :data:`ONNX_PEEPHOLES`, or None without peepholes.
     """
 
     W: np.ndarray
     R: np.ndarray
     B: np.ndarray | None
+    P: np.ndarray | None = None
+
+
+#: ONNX's order of the peephole rows in ``P``; ours (``peephole_l{k}``) is ``i, f, o``.
+ONNX_PEEPHOLES = ("i", "o", "f")
+#: Row ``n`` of ONNX's ``P`` is row ``_PEEPHOLE_ROWS[n]`` of ours, and the other way round
+#: (the permutation is its own inverse).
+_PEEPHOLE_ROWS = tuple(("i", "f", "o").index(symbol) for symbol in ONNX_PEEPHOLES)
 
 
 def _reorder_gates(array, order):
@@ -103,11 +113,22 @@ def _layer_to_onnx(spec, params, layer):
                 for _, _, b_ih, b_hh, _ in directions
             ]
         )
-    return _LayerWeights(W, R, B)
+    P = None
+    if spec.cell == "peephole":
+        P = np.stack(
+            [
+                spec.cell_weights(params, layer, d)[0][list(_PEEPHOLE_ROWS)].reshape(-1)
+                for d in range(spec.num_directions)
+            ]
+        )
+    return _LayerWeights(W, R, B, P)
 
 
-def _layer_from_onnx(weights, layer, bias):
-    """The ONNX node's weights as our parameters of one layer, named as PyTorch names them."""
+def _layer_from_onnx(weights, layer, bias, peephole):
+    """The ONNX node's weights as our parameters of one layer, named as PyTorch names them.
+
+    With ``peephole``, a node without ``P`` gets zero peephole weights.
+    """
     hidden = weights.R.shape[2]
     params = {}
     for direction in range(weights.W.shape[0]):
@@ -126,6 +147,10 @@ def _layer_from_onnx(weights, layer, bias):
             params[param_name("bias_hh", layer, direction)] = _reorder_gates(
                 b[4 * hidden :], _FROM_ONNX
             )
+        if peephole:
+            p = weights.P[direction] if weights.P is not None else np.zeros(3 * hidden)
+            p = p.astype(weights.W.dtype, copy=False).reshape(3, hidden)
+            params[param_name("peephole", layer, direction)] = p[list(_PEEPHOLE_ROWS)]
     return params
 
 
@@ -141,6 +166,11 @@ def _check_exportable(lstm):
         raise ValueError(
             f"lstm has proj_size={lstm.proj_size}: ONNX's LSTM operator has no projection "
             "of the hidden state, so a model with proj_size > 0 cannot be exported"
+        )
+    if lstm.cell == "ltm_stm":
+        raise ValueError(
+            "lstm has cell='ltm_stm': ONNX's LSTM operator has no use layer (W_u), so this "
+            "cell cannot be exported; 'standard' and 'peephole' can"
         )
 
 
@@ -258,19 +288,20 @@ def to_onnx(lstm, path=None, *, opset=None, initial_states=False, lengths=False)
     TypeError
         If ``lstm`` is not a :class:`numlstm.LSTM`.
     ValueError
-        If ``lstm`` has ``proj_size > 0`` (ONNX's LSTM has no projection), or for an
-        opset outside the supported range.
+        If ``lstm`` has ``proj_size > 0`` (ONNX's LSTM has no projection) or
+        ``cell="ltm_stm"`` (nor a use layer), or for an opset outside the supported range.
     ImportError
         Without the ``onnx`` package.
 
     Notes
     -----
     ONNX stacks the gates of ``W``, ``R`` and ``B`` as ``(i, o, f, c)``, numlstm as
-    ``(i, f, g, o)``; the export reorders the blocks. The graph runs every layer in ONNX's
-    time-major layout (``layout=0``, the only one onnxruntime runs) and transposes ``x``
-    and ``output`` for ``batch_first``. onnxruntime runs the graph in float32 only; a
-    float64 model exports to a valid graph that other runtimes (such as
-    ``onnx.reference``) run.
+    ``(i, f, g, o)``; the export reorders the blocks. A peephole cell exports its weights
+    as the node's ``P``, rows reordered from ``(i, f, o)`` to ONNX's ``(i, o, f)``. The
+    graph runs every layer in ONNX's time-major layout (``layout=0``, the only one
+    onnxruntime runs) and transposes ``x`` and ``output`` for ``batch_first``. onnxruntime
+    runs the graph in float32 only; a float64 model exports to a valid graph that other
+    runtimes (such as ``onnx.reference``) run.
 
     Examples
     --------
@@ -476,12 +507,6 @@ def _check_lstm_node(node, graph, onnx):
             f"{where} couples the input and forget gates (input_forget=1): numlstm's gates "
             "are independent"
         )
-    peephole_input = node.input[7] if len(node.input) > 7 else ""
-    if peephole_input:
-        raise NotImplementedError(
-            f"{where} has peephole weights (input P, {peephole_input!r}): peephole cells "
-            "are not supported yet"
-        )
     for index, argument in ((4, "sequence_lens"), (5, "initial_h"), (6, "initial_c")):
         if index < len(node.input) and node.input[index] in graph.initializers:
             raise ValueError(
@@ -496,7 +521,7 @@ def _check_lstm_node(node, graph, onnx):
 
 
 def _check_weight_shapes(where, weights, hidden_size, directions):
-    W, R, B = weights
+    W, R, B, P = weights
     if W.ndim != 3 or W.shape[0] != directions or W.shape[1] % 4:
         raise ValueError(
             f"{where}: W must be (num_directions={directions}, 4 * hidden_size, input_size), "
@@ -518,7 +543,12 @@ def _check_weight_shapes(where, weights, hidden_size, directions):
             f"{where}: B must be (num_directions, 8 * hidden_size) = "
             f"{(directions, 8 * hidden)}, got shape {B.shape}"
         )
-    for name, array in zip("WRB", weights, strict=True):
+    if P is not None and P.shape != (directions, 3 * hidden):
+        raise ValueError(
+            f"{where}: P must be (num_directions, 3 * hidden_size) = "
+            f"{(directions, 3 * hidden)}, got shape {P.shape}"
+        )
+    for name, array in zip("WRBP", weights, strict=True):
         if array is not None and array.dtype != W.dtype:
             raise ValueError(f"{where}: {name} is {array.dtype}, W is {W.dtype}")
     if W.dtype not in (np.float32, np.float64):
@@ -649,7 +679,9 @@ def from_onnx(model_or_path, *, reverse_as_forward=False):
         ``layout=1`` or the graph transposes its input to time-major before the first
         node. The nodes' ``sequence_lens``, ``initial_h`` and ``initial_c`` become the
         ``lengths`` and ``hx`` arguments of a call. Without ``B`` the model has
-        ``bias=False``; if only some nodes have ``B``, the others get zero biases.
+        ``bias=False``; if only some nodes have ``B``, the others get zero biases. With
+        peephole weights (input ``P``) the model has ``cell="peephole"``; if only some
+        nodes have ``P``, the others get zero peephole weights.
 
     Raises
     ------
@@ -659,8 +691,6 @@ def from_onnx(model_or_path, *, reverse_as_forward=False):
         weights that are not initializers; constant initial states or lengths; a
         ``hidden_size`` attribute that does not match ``W``; nodes of other types or
         LSTM nodes that do not form one stack. The message names the node.
-    NotImplementedError
-        For peephole weights (input ``P``): peephole cells are not supported yet.
     TypeError
         For an argument of the wrong type, or weights that are not float32 or float64.
 
@@ -685,9 +715,10 @@ def from_onnx(model_or_path, *, reverse_as_forward=False):
     _check_direction(first, reverse_as_forward, graph)
 
     bias = any(layer.weights.B is not None for layer in layers)
+    peephole = any(layer.weights.P is not None for layer in layers)
     params = {}
     for k, layer in enumerate(layers):
-        params.update(_layer_from_onnx(layer.weights, k, bias))
+        params.update(_layer_from_onnx(layer.weights, k, bias, peephole))
     lstm = LSTM(
         input_size=first.weights.W.shape[2],
         hidden_size=first.hidden_size,
@@ -696,6 +727,7 @@ def from_onnx(model_or_path, *, reverse_as_forward=False):
         batch_first=(first.layout == 1) != _input_is_transposed(x_name, first.node, graph),
         bidirectional=first.direction == "bidirectional",
         dtype=first.dtype,
+        cell="peephole" if peephole else "standard",
     )
     lstm.load_state_dict(params)
     return lstm.eval()

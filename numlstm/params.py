@@ -13,13 +13,16 @@ from .validation import (
     array_dtype,
     check_array,
     check_bool,
+    check_cell,
     check_dtype,
     check_int,
     check_is_array,
     check_shape,
 )
 
-_NAME = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?")
+_NAME = re.compile(
+    r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr|peephole|weight_u|bias_u)_l(\d+)(_reverse)?"
+)
 
 
 def param_name(kind, layer, direction):
@@ -47,6 +50,11 @@ class LSTMSpec:
         ``P`` with projection (``0 < P < H``), else 0.
     dtype : numpy.dtype
         float32 or float64.
+    cell : {"standard", "peephole", "ltm_stm"}
+        The cell variant: the standard LSTM cell, with peephole connections
+        (``peephole_l{k}``, ``(3, H)``, rows i, f, o), or the tutorial's LTM/STM cell with
+        its use layer (``weight_u_l{k}`` ``(H, H)`` and, with bias, ``bias_u_l{k}``
+        ``(H,)``; no projection).
     """
 
     input_size: int
@@ -56,6 +64,7 @@ class LSTMSpec:
     bidirectional: bool = False
     proj_size: int = 0
     dtype: np.dtype | str = "float32"
+    cell: str = "standard"
 
     def __post_init__(self):
         set_field = object.__setattr__
@@ -66,6 +75,12 @@ class LSTMSpec:
         set_field(self, "bidirectional", check_bool(self.bidirectional, "bidirectional"))
         set_field(self, "proj_size", check_int(self.proj_size, "proj_size", 0))
         set_field(self, "dtype", check_dtype(self.dtype))
+        set_field(self, "cell", check_cell(self.cell))
+        if self.cell == "ltm_stm" and self.proj_size:
+            raise ValueError(
+                f"proj_size must be 0 with cell='ltm_stm' (its use gate has no projection), "
+                f"got {self.proj_size}"
+            )
         if self.proj_size >= self.hidden_size:
             raise ValueError(
                 f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
@@ -81,6 +96,8 @@ class LSTMSpec:
             f"proj_size={self.proj_size}",
             f"dtype='{self.dtype}'",
         ]
+        if self.cell != "standard":
+            options.append(f"cell='{self.cell}'")
         return f"LSTM({self.input_size}, {self.hidden_size}, {', '.join(options)})"
 
     @property
@@ -100,8 +117,9 @@ class LSTMSpec:
         -------
         dict of str to tuple
             ``weight_ih_l{k}`` (4H, I or D*H_out), ``weight_hh_l{k}`` (4H, H_out),
-            ``bias_ih_l{k}`` and ``bias_hh_l{k}`` (4H,), ``weight_hr_l{k}`` (H_out, H);
-            the reverse direction's with the suffix ``_reverse``.
+            ``bias_ih_l{k}`` and ``bias_hh_l{k}`` (4H,), ``weight_hr_l{k}`` (H_out, H),
+            then the cell's own: ``peephole_l{k}`` (3, H), or ``weight_u_l{k}`` (H, H) and
+            ``bias_u_l{k}`` (H,); the reverse direction's with the suffix ``_reverse``.
         """
         four_h = 4 * self.hidden_size
         shapes = {}
@@ -118,6 +136,13 @@ class LSTMSpec:
                         self.proj_size,
                         self.hidden_size,
                     )
+                hidden = self.hidden_size
+                if self.cell == "peephole":
+                    shapes[param_name("peephole", layer, direction)] = (3, hidden)
+                elif self.cell == "ltm_stm":
+                    shapes[param_name("weight_u", layer, direction)] = (hidden, hidden)
+                    if self.bias:
+                        shapes[param_name("bias_u", layer, direction)] = (hidden,)
         return shapes
 
     def init_params(self, rng):
@@ -173,7 +198,8 @@ class LSTMSpec:
     def from_params(cls, params, argument="params"):
         """Infer the spec from parameters named as torch.nn.LSTM names them.
 
-        Layers, directions, projection and bias follow from which names are present;
+        Layers, directions, projection, bias and the cell (``peephole_l0`` for
+        ``"peephole"``, ``weight_u_l0`` for ``"ltm_stm"``) follow from which names are present;
         sizes and dtype from ``weight_ih_l0``, ``weight_hh_l0`` and ``weight_hr_l0``.
         The parameters are then checked with :meth:`check_params`.
 
@@ -222,6 +248,7 @@ class LSTMSpec:
             bidirectional="weight_ih_l0_reverse" in params,
             proj_size=0 if w_hr is None else w_hr.shape[0],
             dtype=dtype,
+            cell=_infer_cell(params),
         )
         return spec, spec.check_params(params, argument)
 
@@ -239,5 +266,28 @@ class LSTMSpec:
         names = [param_name(kind, layer, direction) for kind in _KINDS]
         return tuple(params.get(name) for name in names)
 
+    def cell_weights(self, params, layer, direction):
+        """The cell variant's own arrays of one layer and direction.
+
+        Returns
+        -------
+        peephole : array or None
+            ``(3, H)``, rows i, f, o, for ``cell="peephole"``.
+        w_u, b_u : arrays or None
+            The use layer for ``cell="ltm_stm"`` (``b_u`` None without bias).
+        """
+        names = [param_name(kind, layer, direction) for kind in _CELL_KINDS]
+        return tuple(params.get(name) for name in names)
+
 
 _KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_CELL_KINDS = ("peephole", "weight_u", "bias_u")
+
+
+def _infer_cell(params):
+    """The cell variant that the names in ``params`` belong to."""
+    if "peephole_l0" in params:
+        return "peephole"
+    if "weight_u_l0" in params:
+        return "ltm_stm"
+    return "standard"

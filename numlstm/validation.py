@@ -36,6 +36,17 @@ def check_probability(value, argument):
     return float(value)
 
 
+#: The cell variants, by the name ``cell=`` takes.
+CELLS = ("standard", "peephole", "ltm_stm")
+
+
+def check_cell(cell, argument="cell"):
+    """Return ``cell`` if it names a cell variant of :data:`CELLS`, else raise ValueError."""
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, CELLS))}, got {cell!r}")
+    return cell
+
+
 def check_dtype(dtype, argument="dtype"):
     """Return the NumPy dtype for ``"float32"``/``"float64"`` (or their NumPy types)."""
     try:

@@ -42,6 +42,7 @@ class Case:
     with_hx: bool
     dropout: float
     seed: int
+    cell: str = "standard"
 
     @property
     def batched(self):
@@ -78,6 +79,10 @@ class Case:
             "bidirectional": self.bidirectional,
             "proj_size": self.proj_size,
         }
+
+    def numlstm_kwargs(self):
+        """:meth:`lstm_kwargs` plus the cell, for ``numlstm.LSTM`` only."""
+        return self.lstm_kwargs() | {"cell": self.cell}
 
 
 @dataclass
@@ -119,6 +124,7 @@ def cases(
     padded=False,
     dropout=True,
     with_hx=None,
+    cells=("standard",),
 ):
     """A strategy for :class:`Case`.
 
@@ -137,13 +143,17 @@ def cases(
         ``min_steps`` is at least 2).
     dropout : bool
         Whether multi-layer cases may carry fixed dropout masks.
+    cells : sequence of str
+        Cell variants to draw from (``"ltm_stm"`` has no projection).
     """
+    cell = draw(st.sampled_from(cells))
     layout = draw(st.sampled_from(layouts))
     batched = layout != "unbatched"
     steps = draw(st.integers(max(min_steps, 2 if padded else 1), max_steps))
     batch = draw(st.integers(1, max_batch)) if batched else 1
     hidden_size = draw(st.integers(1, max_size))
-    proj_size = draw(st.just(0) | st.integers(1, hidden_size - 1)) if hidden_size > 1 else 0
+    projection = hidden_size > 1 and cell != "ltm_stm"
+    proj_size = draw(st.just(0) | st.integers(1, hidden_size - 1)) if projection else 0
     num_layers = draw(st.integers(min_layers, max_layers))
     drawn_lengths = None
     if batched and (padded or (lengths and draw(st.booleans()))):
@@ -167,6 +177,7 @@ def cases(
         with_hx=draw(st.booleans()) if with_hx is None else with_hx,
         dropout=draw(st.sampled_from([0.25, 0.5])) if masked else 0.0,
         seed=draw(st.integers(0, 2**32 - 1)),
+        cell=cell,
     )
 
 
@@ -197,6 +208,7 @@ def make_params(case, dtype=np.float64):
         case.bidirectional,
         case.proj_size,
         case.bias,
+        cell=case.cell,
     )
     return {name: value.astype(dtype) for name, value in params.items()}
 

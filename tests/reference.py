@@ -22,6 +22,21 @@ The standard cell, one step::
     c_t = f * c_{t-1} + i * g
     h_t = o * tanh(c_t)                              (or W_hr (o * tanh(c_t)) with projection)
 
+The peephole cell (``cell="peephole"``, Gers and Schmidhuber 2000) adds
+``p = peephole_l{k}`` of shape (3, hidden_size), rows i, f, o::
+
+    i   = σ(a_i + p_i * c_{t-1}),  f = σ(a_f + p_f * c_{t-1}),  g = tanh(a_g)
+    c_t = f * c_{t-1} + i * g
+    o   = σ(a_o + p_o * c_t),      h_t = o * tanh(c_t)
+
+The tutorial's LTM/STM cell (``cell="ltm_stm"``), with ``W_u = weight_u_l{k}`` (H, H) and
+``b_u = bias_u_l{k}`` (H,), in the tutorial's words (N, i, f, V are the g, i, f, o blocks)::
+
+    N_t   = tanh(a_g),  i_t = σ(a_i),  f_t = σ(a_f),  V_t = σ(a_o)
+    LTM_t = LTM_{t-1} * f_t + N_t * i_t
+    U_t   = tanh(W_u (LTM_{t-1} * f_t) + b_u)
+    STM_t = U_t * V_t
+
 A cell variant is added by writing its step function, with the signature of
 :func:`standard_step`, and registering it in :data:`CELLS`.
 """
@@ -103,8 +118,46 @@ def standard_step(x_t, h_prev, c_prev, w):
     return h_t, c_t
 
 
+def peephole_step(x_t, h_prev, c_prev, w):
+    """One step of the peephole cell; ``w["peephole"]`` is (3, hidden_size), rows i, f, o.
+
+    Otherwise as :func:`standard_step`.
+    """
+    gates = w["weight_ih"] @ x_t + w["bias_ih"] + w["weight_hh"] @ h_prev + w["bias_hh"]
+    a_i, a_f, a_g, a_o = np.split(gates, 4)
+    p_i, p_f, p_o = w["peephole"]
+    i = sigmoid(a_i + p_i * c_prev)
+    f = sigmoid(a_f + p_f * c_prev)
+    g = np.tanh(a_g)
+    c_t = f * c_prev + i * g
+    o = sigmoid(a_o + p_o * c_t)
+    h_t = o * np.tanh(c_t)
+    if w["weight_hr"] is not None:
+        h_t = w["weight_hr"] @ h_t
+    return h_t, c_t
+
+
+def ltm_stm_step(x_t, stm_prev, ltm_prev, w):
+    """One step of the tutorial's LTM/STM cell, in the tutorial's names.
+
+    ``w["weight_u"]`` (H, H) and ``w["bias_u"]`` (H,) are the use gate's own layer; the
+    g, i, f, o blocks of the stacked weights are the tutorial's N, i, f, V.
+    """
+    event_and_stm = w["weight_ih"] @ x_t + w["bias_ih"] + w["weight_hh"] @ stm_prev + w["bias_hh"]
+    a_i, a_f, a_n, a_v = np.split(event_and_stm, 4)
+    learn_n = np.tanh(a_n)  # learn gate: the new information
+    ignore_i = sigmoid(a_i)  # learn gate: the ignore factor
+    forget_f = sigmoid(a_f)  # forget gate
+    kept = ltm_prev * forget_f  # what the forget gate keeps of the long-term memory
+    ltm = kept + learn_n * ignore_i  # remember gate
+    use_u = np.tanh(w["weight_u"] @ kept + w["bias_u"])  # use gate: its own layer
+    use_v = sigmoid(a_v)
+    stm = use_u * use_v
+    return stm, ltm
+
+
 #: Cell variants by name. Each maps ``(x_t, h_prev, c_prev, w) -> (h_t, c_t)``.
-CELLS = {"standard": standard_step}
+CELLS = {"standard": standard_step, "peephole": peephole_step, "ltm_stm": ltm_stm_step}
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +175,7 @@ class LSTMConfig:
     bidirectional: bool
     proj_size: int
     bias: bool
+    cell: str = "standard"
 
     @property
     def num_directions(self) -> int:
@@ -142,8 +196,8 @@ def _suffix(layer: int, direction: int) -> str:
     return f"_l{layer}" + ("_reverse" if direction == 1 else "")
 
 
-def param_names(num_layers, bidirectional=False, proj_size=0, bias=True):
-    """Parameter names in PyTorch's ``state_dict`` order.
+def param_names(num_layers, bidirectional=False, proj_size=0, bias=True, cell="standard"):
+    """Parameter names in PyTorch's ``state_dict`` order, then the cell's own per direction.
 
     Parameters
     ----------
@@ -151,6 +205,7 @@ def param_names(num_layers, bidirectional=False, proj_size=0, bias=True):
     bidirectional : bool
     proj_size : int
     bias : bool
+    cell : str
 
     Returns
     -------
@@ -165,6 +220,10 @@ def param_names(num_layers, bidirectional=False, proj_size=0, bias=True):
                 names += [f"bias_ih{s}", f"bias_hh{s}"]
             if proj_size > 0:
                 names.append(f"weight_hr{s}")
+            if cell == "peephole":
+                names.append(f"peephole{s}")
+            if cell == "ltm_stm":
+                names += [f"weight_u{s}"] + ([f"bias_u{s}"] if bias else [])
     return names
 
 
@@ -181,6 +240,12 @@ def _expected_shapes(cfg: LSTMConfig):
                 shapes[f"bias_hh{s}"] = (4 * h,)
             if cfg.proj_size > 0:
                 shapes[f"weight_hr{s}"] = (cfg.proj_size, h)
+            if cfg.cell == "peephole":
+                shapes[f"peephole{s}"] = (3, h)
+            if cfg.cell == "ltm_stm":
+                shapes[f"weight_u{s}"] = (h, h)
+                if cfg.bias:
+                    shapes[f"bias_u{s}"] = (h,)
     return shapes
 
 
@@ -214,6 +279,11 @@ def infer_config(params) -> LSTMConfig:
         bidirectional="weight_ih_l0_reverse" in params,
         proj_size=np.shape(params["weight_hr_l0"])[0] if "weight_hr_l0" in params else 0,
         bias="bias_ih_l0" in params,
+        cell="peephole"
+        if "peephole_l0" in params
+        else "ltm_stm"
+        if "weight_u_l0" in params
+        else "standard",
     )
     expected = _expected_shapes(cfg)
     if set(params) != set(expected):
@@ -248,11 +318,22 @@ def direction_weights(params, cfg: LSTMConfig, layer: int, direction: int, dtype
     Returns
     -------
     dict
-        Keys ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, ``weight_hr``.
+        Keys ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, ``weight_hr``, and the
+        cell's own: ``peephole``, or ``weight_u`` and ``bias_u`` (zeros without bias).
     """
     s = _suffix(layer, direction)
     zeros = np.zeros(4 * cfg.hidden_size, dtype=dtype)
-    return {
+    own = {}
+    if cfg.cell == "peephole":
+        own["peephole"] = np.asarray(params[f"peephole{s}"], dtype=dtype)
+    if cfg.cell == "ltm_stm":
+        own["weight_u"] = np.asarray(params[f"weight_u{s}"], dtype=dtype)
+        own["bias_u"] = (
+            np.asarray(params[f"bias_u{s}"], dtype=dtype)
+            if cfg.bias
+            else np.zeros(cfg.hidden_size, dtype=dtype)
+        )
+    return own | {
         "weight_ih": np.asarray(params[f"weight_ih{s}"], dtype=dtype),
         "weight_hh": np.asarray(params[f"weight_hh{s}"], dtype=dtype),
         "bias_ih": np.asarray(params[f"bias_ih{s}"], dtype=dtype) if cfg.bias else zeros,
@@ -272,6 +353,7 @@ def init_params(
     proj_size=0,
     bias=True,
     dtype=np.float64,
+    cell="standard",
 ):
     """Random LSTM parameters, uniform in ``(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``.
 
@@ -288,6 +370,8 @@ def init_params(
         0 for no projection.
     bias : bool
     dtype : numpy dtype
+    cell : str
+        A key of :data:`CELLS`; its own parameters are drawn the same way.
 
     Returns
     -------
@@ -296,10 +380,10 @@ def init_params(
     """
     if not (proj_size == 0 or 0 < proj_size < hidden_size):
         raise ValueError(f"proj_size must be 0 or in [1, hidden_size), got {proj_size}")
-    cfg = LSTMConfig(input_size, hidden_size, num_layers, bidirectional, proj_size, bias)
+    cfg = LSTMConfig(input_size, hidden_size, num_layers, bidirectional, proj_size, bias, cell)
     bound = 1.0 / np.sqrt(hidden_size)
     shapes = _expected_shapes(cfg)
-    names = param_names(num_layers, bidirectional, proj_size, bias)
+    names = param_names(num_layers, bidirectional, proj_size, bias, cell)
     return {name: rng.uniform(-bound, bound, size=shapes[name]).astype(dtype) for name in names}
 
 
@@ -415,7 +499,7 @@ def lstm_forward(
         ``batch_first``; ``(T, D*H_out)`` for unbatched input), already scaled. The input
         of layer ``k+1`` is ``output_k * dropout_masks[k]``.
     cell : str
-        Cell variant, a key of :data:`CELLS`. Only ``"standard"`` exists.
+        Cell variant, a key of :data:`CELLS`. Its own parameters must be in ``params``.
 
     Returns
     -------
@@ -429,6 +513,8 @@ def lstm_forward(
         raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {cell!r}")
     step = CELLS[cell]
     cfg = infer_config(params)
+    if cfg.cell != cell:
+        raise ValueError(f"params: names of the {cfg.cell!r} cell, but cell={cell!r}")
     L, D, H, H_out = cfg.num_layers, cfg.num_directions, cfg.hidden_size, cfg.output_size
 
     x = np.asarray(x)

@@ -10,6 +10,7 @@ import json
 import os
 
 import numba  # noqa: F401 (loaded before the harness runs, as in the rest of the session)
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -164,3 +165,30 @@ def test_harness_writes_json_table_and_plot(tmp_path, restored_thread_env, capsy
         assert not (tmp_path / "cpu.png").exists()
     else:
         assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("cell", ["peephole", "ltm_stm"])
+def test_a_cell_variant_is_timed_against_the_standard_cell(cell, tmp_path, restored_thread_env):
+    argv = ["--configs", TINY[0].label, "--dtype", "float32", "--cell", cell]
+    argv += ["--threads", "1", "--min-time", "0.005", "--repeats", "3"]
+    argv += ["--gemm-size", "64", "--out", str(tmp_path)]
+    report = cpu.main(argv)
+    assert report["cell"] == cell
+    assert report["baseline"] == "standard cell"
+    assert [row["mode"] for row in report["results"]] == list(cpu.MODES)
+    for row in report["results"]:
+        assert (row["cell"], row["baseline"]) == (cell, "standard cell")
+        assert row["ratio"] == pytest.approx(row["numlstm_s"] / row["torch_s"])
+    # The two sides compute different cells: no parity to check.
+    assert [record["max_relative_difference"] for record in report["parity"]] == [{}]
+    table = (tmp_path / "cpu.md").read_text()
+    assert f"numlstm runs cell='{cell}'" in table
+    assert "| numlstm ms | standard cell ms | numlstm/standard cell |" in table
+
+
+def test_the_models_of_a_cell_variant_share_the_standard_weights():
+    ours, theirs, _, _ = cpu._models(TINY[0], "float32", "peephole")
+    assert ours.cell == "peephole" and theirs.cell == "standard"
+    shared = ours.state_dict()
+    for name, value in theirs.state_dict().items():
+        np.testing.assert_array_equal(value, shared[name])

@@ -113,9 +113,10 @@ def test_clip_global_norm_scales_all_gradients_to_the_norm_together():
     np.testing.assert_allclose(grads["a"], [0.6, 0.0])
 
 
-def test_model_gradients_match_finite_differences():
+@pytest.mark.parametrize("cell", ["standard", "peephole", "ltm_stm"])
+def test_model_gradients_match_finite_differences(cell):
     rng = np.random.default_rng(1)
-    model = demo.AddingModel(hidden=3, rng=rng, dtype="float64")
+    model = demo.AddingModel(hidden=3, rng=rng, dtype="float64", cell=cell)
     x, y = demo.adding_problem(rng, batch=5, seq_len=4, dtype=np.float64)
     model.zero_grad()
     model.loss_and_backward(x, y)
@@ -208,6 +209,14 @@ def test_demo_prints_the_test_mse_beside_the_baseline_and_a_verdict(capsys):
 
 
 @pytest.mark.skipif(numlstm.available_backends()["cuda"].available, reason="this machine runs CUDA")
+@pytest.mark.parametrize("cell", ["peephole", "ltm_stm"])
+def test_demo_trains_the_cell_asked_for(capsys, cell):
+    assert main([*TINY_DEMO, "--cell", cell]) == 0
+    captured = capsys.readouterr()
+    assert f"model: LSTM(2, 8, cell='{cell}')" in captured.out
+    assert captured.out.splitlines()[-1].startswith(("solved:", "not solved yet:"))
+
+
 def test_demo_on_a_missing_backend_exits_2_with_one_message(capsys):
     assert main([*TINY_DEMO, "--backend", "cuda"]) == 2
     captured = capsys.readouterr()
@@ -235,6 +244,7 @@ def test_demo_with_a_bad_backend_environment_variable_exits_2(capsys, monkeypatc
         ("--lr", "nan"),
         ("--seed", "-1"),
         ("--backend", "gpu"),
+        ("--cell", "gru"),
     ],
 )
 def test_demo_rejects_bad_values_as_usage_errors(capsys, option, value):

@@ -92,6 +92,16 @@ def gradients_only(results):
 @given(case=cases())
 def test_functional_gradients_match_finite_differences(case):
     """Gradients of x, h0, c0 and every parameter, over every feature and layout."""
+    check_functional_gradients(case)
+
+
+@given(case=cases(cells=("peephole", "ltm_stm")))
+def test_cell_variant_gradients_match_finite_differences(case):
+    """The same for the peephole and LTM/STM cells, with their own parameters."""
+    check_functional_gradients(case)
+
+
+def check_functional_gradients(case):
     arrays = make_arrays(case)
     analytic = gradients_only(forward_backward(case, arrays))
     # Without given states (hx=None) the gradients are those at zero states.
@@ -112,7 +122,15 @@ def test_functional_gradients_match_finite_differences(case):
     assert_matches_finite_differences(analytic, inputs, run, arrays)
 
 
-@given(case=cases(min_layers=2, dropout=False), dropout=st.sampled_from([0.25, 0.5]))
+#: The cell variants with given states: without bias and from zero states, the LTM/STM
+#: cell's layer k outputs exact zeros for its first k + 1 steps (its use gate reads the kept
+#: memory, zero at first), so dropout could not act on a short sequence.
+dropout_cases = cases(min_layers=2, dropout=False) | cases(
+    min_layers=2, dropout=False, cells=("peephole", "ltm_stm"), with_hx=True
+)
+
+
+@given(case=dropout_cases, dropout=st.sampled_from([0.25, 0.5]))
 def test_lstm_class_gradients_in_training_mode_with_dropout_match_finite_differences(case, dropout):
     """numlstm.LSTM.backward, with dropout drawn by the model itself, is the exact gradient.
 
@@ -129,7 +147,7 @@ def test_lstm_class_gradients_in_training_mode_with_dropout_match_finite_differe
             dropout=dropout,
             dtype="float64",
             seed=case.seed,
-            **case.lstm_kwargs(),
+            **case.numlstm_kwargs(),
         )
         lstm.load_state_dict(arrays.params)
         return lstm
@@ -192,8 +210,12 @@ def run_after_freeing(fill, shapes, case, arrays):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
-@pytest.mark.parametrize("proj_size", [0, 2], ids=["no_projection", "projection"])
-def test_results_do_not_depend_on_what_freed_memory_held(proj_size, bidirectional):
+@pytest.mark.parametrize(
+    ("proj_size", "cell"),
+    [(0, "standard"), (2, "standard"), (2, "peephole"), (0, "ltm_stm")],
+    ids=["no_projection", "projection", "peephole", "ltm_stm"],
+)
+def test_results_do_not_depend_on_what_freed_memory_held(proj_size, cell, bidirectional):
     """Padded steps leave some work buffers unwritten; nothing may read them.
 
     The same call runs twice, once after freeing blocks full of zeros and once after
@@ -214,6 +236,7 @@ def test_results_do_not_depend_on_what_freed_memory_held(proj_size, bidirectiona
         with_hx=False,
         dropout=0.0,
         seed=7,
+        cell=cell,
     )
     arrays = make_arrays(case)
     steps, batch, hidden = case.steps, case.batch, case.hidden_size

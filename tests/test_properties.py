@@ -25,12 +25,13 @@ from reference import lstm_forward
 
 import numlstm
 from numlstm.backends import cpu
+from numlstm.validation import CELLS
 
 F64 = np.dtype(np.float64)
 F32 = np.dtype(np.float32)
 
-#: Larger than the gradient tests' cases: the forward pass alone is cheap.
-forward_cases = cases(max_steps=6, max_batch=4, max_size=4)
+#: Larger than the gradient tests' cases: the forward pass alone is cheap. Every cell.
+forward_cases = cases(max_steps=6, max_batch=4, max_size=4, cells=CELLS)
 
 
 def run(case, arrays):
@@ -70,6 +71,7 @@ def test_forward_equals_numpy_reference(case):
         case.lengths,
         batch_first=case.batch_first,
         dropout_masks=arrays.masks_time_major,
+        cell=case.cell,
     )
     assert_results_close(flatten(output, states), flatten(*expected))
 
@@ -160,7 +162,12 @@ def element(array, case, b):
 
 @given(
     case=cases(
-        max_steps=6, max_batch=4, max_size=4, layouts=("time_major", "batch_first"), padded=True
+        max_steps=6,
+        max_batch=4,
+        max_size=4,
+        layouts=("time_major", "batch_first"),
+        padded=True,
+        cells=CELLS,
     )
 )
 def test_lengths_equal_truncation(case):
@@ -380,7 +387,7 @@ def test_no_grad_gives_the_same_results_as_grad_mode(case):
 
 def lstm_model(case, dtype="float64"):
     model = numlstm.LSTM(
-        case.input_size, case.hidden_size, dtype=dtype, seed=case.seed, **case.lstm_kwargs()
+        case.input_size, case.hidden_size, dtype=dtype, seed=case.seed, **case.numlstm_kwargs()
     )
     model.load_state_dict(make_arrays(case).params)
     return model
@@ -388,12 +395,19 @@ def lstm_model(case, dtype="float64"):
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize(
-    ("num_layers", "bidirectional", "proj_size"),
-    [(1, False, 0), (1, True, 0), (2, True, 2), (2, False, 3)],
-    ids=["forward", "bidirectional", "bi_proj_2layers", "proj_2layers"],
+    ("num_layers", "bidirectional", "proj_size", "cell"),
+    [
+        (1, False, 0, "standard"),
+        (1, True, 0, "standard"),
+        (2, True, 2, "standard"),
+        (2, False, 3, "standard"),
+        (2, True, 2, "peephole"),
+        (2, True, 0, "ltm_stm"),
+    ],
+    ids=["forward", "bidirectional", "bi_proj_2layers", "proj_2layers", "peephole", "ltm_stm"],
 )
 def test_inference_path_equals_training_path_beyond_one_chunk(
-    num_layers, bidirectional, proj_size, batch_first
+    num_layers, bidirectional, proj_size, cell, batch_first
 ):
     """T = 150 spans three inference chunks of 64 steps (64 + 64 + 22, in both directions);
     lengths end inside each chunk and on its edges."""
@@ -413,6 +427,7 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
         with_hx=True,
         dropout=0.0,
         seed=1,
+        cell=cell,
     )
     arrays = make_arrays(case)
     model = lstm_model(case)
@@ -421,12 +436,12 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
         inferred = model(arrays.x, arrays.hx, case.lengths)
     assert_results_close(flatten(*inferred), flatten(*trained))
     expected = lstm_forward(
-        arrays.x, arrays.params, arrays.hx, case.lengths, batch_first=batch_first
+        arrays.x, arrays.params, arrays.hx, case.lengths, batch_first=batch_first, cell=cell
     )
     assert_results_close(flatten(*inferred), flatten(*expected))
 
 
-@given(case=cases(max_steps=9, max_batch=4, max_size=4), data=st.data())
+@given(case=cases(max_steps=9, max_batch=4, max_size=4, cells=CELLS), data=st.data())
 def test_inference_path_equals_training_path_for_any_chunk(case, data):
     """The inference chunk length is a tunable: every value, down to 1, gives the same."""
     chunk = data.draw(st.integers(1, case.steps + 1), label="chunk")

@@ -20,6 +20,22 @@ import numlstm
 @settings(max_examples=3)
 @given(case=cases(max_steps=3, max_batch=2, max_size=2, max_layers=1))
 def test_cuda_gradients_match_finite_differences(case):
+    check_cuda_gradients(case)
+
+
+@settings(max_examples=2)
+@given(case=cases(max_steps=3, max_batch=2, max_size=2, max_layers=1, cells=("peephole",)))
+def test_cuda_peephole_gradients_match_finite_differences(case):
+    check_cuda_gradients(case)
+
+
+@settings(max_examples=2)
+@given(case=cases(max_steps=3, max_batch=2, max_size=2, max_layers=1, cells=("ltm_stm",)))
+def test_cuda_ltm_stm_gradients_match_finite_differences(case):
+    check_cuda_gradients(case)
+
+
+def check_cuda_gradients(case):
     numlstm.set_backend("cuda")
     try:
         arrays = make_arrays(case)

@@ -66,6 +66,26 @@ CASES = {
     "unbatched-bidirectional-states": case(
         layout="unbatched", batch=1, bidirectional=True, with_hx=True, seed=8
     ),
+    "peephole-two-layers-bidirectional-projection-lengths": case(
+        cell="peephole",
+        num_layers=2,
+        bidirectional=True,
+        proj_size=2,
+        lengths=(3, 1, 4),
+        with_hx=True,
+        dropout=0.5,
+        seed=9,
+    ),
+    "ltm_stm-two-layers-bidirectional-lengths-no-bias": case(
+        cell="ltm_stm",
+        num_layers=2,
+        bidirectional=True,
+        bias=False,
+        lengths=(4, 2, 1),
+        with_hx=True,
+        layout="batch_first",
+        seed=10,
+    ),
 }
 
 
@@ -83,6 +103,8 @@ def compare(actual, expected, dtype):
 RUNS = [(name, np.float64) for name in CASES] + [
     ("bidirectional-projection-lengths-states", np.float32),
     ("three-layers-dropout-lengths", np.float32),
+    ("peephole-two-layers-bidirectional-projection-lengths", np.float32),
+    ("ltm_stm-two-layers-bidirectional-lengths-no-bias", np.float32),
 ]
 
 
@@ -101,7 +123,10 @@ def test_cuda_equals_cpu_forward_and_every_gradient(config, dtype, launch, on_ba
 
 
 @settings(max_examples=8)
-@given(case=cases(max_layers=2), dtype=st.sampled_from([np.float64, np.float32]))
+@given(
+    case=cases(max_layers=2, cells=("standard", "peephole", "ltm_stm")),
+    dtype=st.sampled_from([np.float64, np.float32]),
+)
 def test_cuda_equals_cpu_on_drawn_cases(case, dtype):
     """The same comparison on cases Hypothesis draws (every feature, tiny sizes)."""
     arrays = make_arrays(case, dtype)

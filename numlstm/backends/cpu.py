@@ -23,7 +23,16 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..equations import implements
-from ..gates import cell_backward, cell_forward
+from ..gates import (
+    cell_backward,
+    cell_backward_ltm_stm,
+    cell_backward_peephole,
+    cell_forward,
+    cell_forward_ltm_stm,
+    cell_forward_peephole,
+    use_gate_backward_ltm_stm,
+    use_gate_ltm_stm,
+)
 
 name = "cpu"
 
@@ -150,6 +159,104 @@ def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
         )
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def cell_forward_row_peephole(a, recurrent, bias, peephole, c_prev, c, r):
+    """:func:`~numlstm.gates.cell_forward_peephole` over the ``H`` units of one sequence.
+
+    As :func:`cell_forward_row`; ``peephole`` is ``(3, H)``, rows i, f, o.
+    """
+    hidden = c_prev.shape[0]
+    a_i, a_f, a_g, a_o = _split_gates(a, hidden)
+    w_i, w_f, w_g, w_o = _split_gates(recurrent, hidden)
+    b_i, b_f, b_g, b_o = _split_gates(bias, hidden)
+    p_i, p_f, p_o = peephole[0], peephole[1], peephole[2]
+    for j in range(hidden):
+        a_i[j], a_f[j], a_g[j], a_o[j], c[j], r[j] = cell_forward_peephole(
+            a_i[j] + w_i[j] + b_i[j],
+            a_f[j] + w_f[j] + b_f[j],
+            a_g[j] + w_g[j] + b_g[j],
+            a_o[j] + w_o[j] + b_o[j],
+            c_prev[j],
+            p_i[j],
+            p_f[j],
+            p_o[j],
+        )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def cell_forward_row_ltm_stm(a, recurrent, bias, c_prev, c, m):
+    """:func:`~numlstm.gates.cell_forward_ltm_stm` over the ``H`` units of one sequence.
+
+    As :func:`cell_forward_row`, but ``m`` receives the kept memory ``f_t ⊙ c_{t-1}``, the
+    use layer's input; :func:`use_gate_row_ltm_stm` computes ``h_t`` after the product.
+    """
+    hidden = c_prev.shape[0]
+    a_i, a_f, a_g, a_v = _split_gates(a, hidden)
+    w_i, w_f, w_g, w_v = _split_gates(recurrent, hidden)
+    b_i, b_f, b_g, b_v = _split_gates(bias, hidden)
+    for j in range(hidden):
+        a_i[j], a_f[j], a_g[j], a_v[j], c[j], m[j] = cell_forward_ltm_stm(
+            a_i[j] + w_i[j] + b_i[j],
+            a_f[j] + w_f[j] + b_f[j],
+            a_g[j] + w_g[j] + b_g[j],
+            a_v[j] + w_v[j] + b_v[j],
+            c_prev[j],
+        )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def use_gate_row_ltm_stm(u, b_u, v, h):
+    """:func:`~numlstm.gates.use_gate_ltm_stm` over the ``H`` units of one sequence.
+
+    ``u`` enters holding ``W_u m_t`` and leaves holding ``U_t``; ``v`` is the V gate's
+    activation and ``h`` receives ``h_t``.
+    """
+    for j in range(u.shape[0]):
+        u[j], h[j] = use_gate_ltm_stm(u[j] + b_u[j], v[j])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def cell_backward_row_peephole(gates, c_prev, c, peephole, d_r, d_c, d_a):
+    """:func:`~numlstm.gates.cell_backward_peephole` over the ``H`` units of one sequence.
+
+    As :func:`cell_backward_row`; ``peephole`` is ``(3, H)``, rows i, f, o.
+    """
+    hidden = c_prev.shape[0]
+    i, f, g, o = _split_gates(gates, hidden)
+    d_a_i, d_a_f, d_a_g, d_a_o = _split_gates(d_a, hidden)
+    p_i, p_f, p_o = peephole[0], peephole[1], peephole[2]
+    for j in range(hidden):
+        d_a_i[j], d_a_f[j], d_a_g[j], d_a_o[j], d_c[j] = cell_backward_peephole(
+            i[j], f[j], g[j], o[j], c_prev[j], c[j], p_i[j], p_f[j], p_o[j], d_r[j], d_c[j]
+        )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def use_gate_backward_row_ltm_stm(u, v, d_h, d_u, d_a_v):
+    """:func:`~numlstm.gates.use_gate_backward_ltm_stm` over the ``H`` units of one sequence.
+
+    ``d_u`` receives ``δa^u_t`` and ``d_a_v`` the V gate's ``δa^o_t``.
+    """
+    for j in range(u.shape[0]):
+        d_u[j], d_a_v[j] = use_gate_backward_ltm_stm(u[j], v[j], d_h[j])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def cell_backward_row_ltm_stm(gates, c_prev, d_m, d_c, d_a):
+    """:func:`~numlstm.gates.cell_backward_ltm_stm` over the ``H`` units of one sequence.
+
+    ``d_m`` is ``W_u^T δa^u_t``; ``d_c`` is carried as in :func:`cell_backward_row`;
+    ``d_a`` receives the i, f and g blocks of ``δa_t`` (the o block is the use gate's).
+    """
+    hidden = c_prev.shape[0]
+    i, f, g, _ = _split_gates(gates, hidden)
+    d_a_i, d_a_f, d_a_g, _ = _split_gates(d_a, hidden)
+    for j in range(hidden):
+        d_a_i[j], d_a_f[j], d_a_g[j], d_c[j] = cell_backward_ltm_stm(
+            i[j], f[j], g[j], c_prev[j], d_m[j], d_c[j]
+        )
+
+
 @njit(cache=True, nogil=True)
 def _blocks(size, threads):
     """How many parts to split ``size`` rows into: one per thread, at most ``size``."""
@@ -173,11 +280,34 @@ def _block(k, blocks, size):
     "hidden-update",
     "projection",
     "padding",
+    "peephole-input-gate",
+    "peephole-forget-gate",
+    "peephole-output-gate",
+    "kept-memory",
+    "use-layer",
+    "use-gate-output",
     backend="cpu",
 )
 @njit(cache=True, nogil=True, parallel=True)
 def forward_kernel(
-    x, w_ih, w_hh_t, bias, w_hr_t, lengths, reverse, gates, c_seq, h_seq, r_seq, y, threads
+    x,
+    w_ih,
+    w_hh_t,
+    bias,
+    w_hr_t,
+    peephole,
+    w_u_t,
+    b_u,
+    lengths,
+    reverse,
+    gates,
+    c_seq,
+    h_seq,
+    r_seq,
+    m_seq,
+    u_seq,
+    y,
+    threads,
 ):
     """Forward time loop of one layer and one direction, over a padded batch.
 
@@ -200,6 +330,11 @@ def forward_kernel(
         ``b_ih + b_hh`` (zeros without bias).
     w_hr_t : (H, P) array
         Projection weights, transposed, or an empty ``(0, 0)`` array without projection.
+    peephole : (3, H) array
+        The peephole cell's weights (rows i, f, o), or ``(0, 0)`` for another cell.
+    w_u_t, b_u : (H, H), (H,) arrays
+        The LTM/STM cell's use layer, ``W_u`` transposed and ``b_u`` (zeros without
+        bias), or ``(0, 0)`` and ``(0,)`` for another cell.
     lengths : (B,) int64 array
         Real steps of each sequence, ``1 <= lengths[b] <= T``.
     reverse : bool
@@ -215,6 +350,9 @@ def forward_kernel(
     r_seq : (R, B, H) array, out
         ``o_t * tanh(c_t)`` before projection: ``R == T`` to keep every step for the
         backward pass, ``R == 1`` for inference; unused (``R == 0``) without projection.
+    m_seq, u_seq : (R, B, H) arrays, out
+        The LTM/STM cell's kept memory ``m_t`` and use layer ``U_t``, kept as ``r_seq``;
+        ``(0, B, H)`` for another cell.
     y : (T, B, P) array, out
         The output: ``h_t`` at real steps, zeros at padded ones.
     threads : int
@@ -223,7 +361,10 @@ def forward_kernel(
     steps_total, batch, n_inputs = x.shape
     chunk = gates.shape[0]
     slots = c_seq.shape[0]
+    hidden = c_seq.shape[2]
     projecting = w_hr_t.shape[0] > 0
+    peepholes = peephole.shape[0] > 0
+    use_layer = w_u_t.shape[0] > 0
     recurrent = np.empty((batch, w_hh_t.shape[1]), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
         if reverse:
@@ -250,14 +391,34 @@ def forward_kernel(
                 cur = t % slots if reverse else (t + 1) % slots
                 a = gates[t - t_lo]
                 r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
+                m = m_seq[t % m_seq.shape[0]] if use_layer else r
                 np.dot(h_seq[prev, lo:hi], w_hh_t, recurrent[lo:hi])
                 for b in range(lo, hi):
                     if t >= lengths[b]:
                         c_seq[cur, b] = c_seq[prev, b]
                         if projecting:
                             r[b] = 0.0  # read by the projection's weight gradient
+                        if use_layer:
+                            m[b] = 0.0  # read by the use layer's product and its gradient
                         continue
-                    cell_forward_row(a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b])
+                    if peepholes:
+                        cell_forward_row_peephole(
+                            a[b], recurrent[b], bias, peephole, c_seq[prev, b], c_seq[cur, b], r[b]
+                        )
+                    elif use_layer:
+                        cell_forward_row_ltm_stm(
+                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], m[b]
+                        )
+                    else:
+                        cell_forward_row(
+                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b]
+                        )
+                if use_layer:
+                    u = u_seq[t % u_seq.shape[0]]
+                    np.dot(m[lo:hi], w_u_t, u[lo:hi])
+                    for b in range(lo, hi):
+                        if t < lengths[b]:
+                            use_gate_row_ltm_stm(u[b], b_u, a[b, 3 * hidden :], r[b])
                 if projecting:
                     np.dot(r[lo:hi], w_hr_t, h_seq[cur, lo:hi])
                 for b in range(lo, hi):
@@ -312,6 +473,14 @@ def _gradient_gemms(
     "d-input",
     "d-weights",
     "d-projection-weights",
+    "d-peephole-cell",
+    "d-peephole-weights",
+    "d-use-gate",
+    "d-use-layer",
+    "d-kept-memory",
+    "d-ltm-stm-cell",
+    "d-ltm-stm-forget-gate",
+    "d-use-weights",
     backend="cpu",
 )
 @njit(cache=True, nogil=True, parallel=True)
@@ -320,30 +489,38 @@ def backward_kernel(
     w_ih,
     w_hh,
     w_hr,
+    peephole,
+    w_u,
     lengths,
     reverse,
     gates,
     c_seq,
     h_seq,
     r_seq,
+    m_seq,
+    u_seq,
     d_y,
     d_h,
     d_c,
     d_gates,
     d_hs,
+    d_u,
     d_x,
     d_w_ih,
     d_w_hh,
     d_bias,
     d_w_hr,
+    d_peephole,
+    d_w_u,
+    d_b_u,
     threads,
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
 
-    Shapes and the first ten arguments are those of :func:`forward_kernel` (with the
+    Shapes and the first fourteen arguments are those of :func:`forward_kernel` (with the
     weights untransposed), as saved by a forward pass with ``C == T``, ``S == T + 1`` and
-    ``R == T`` (with projection). The time loop runs on blocks of sequences in parallel,
-    like the forward one.
+    ``R == T`` (with projection or the LTM/STM cell). The time loop runs on blocks of
+    sequences in parallel, like the forward one.
 
     Parameters
     ----------
@@ -358,11 +535,15 @@ def backward_kernel(
     d_hs : (T, B, P) array, out
         ``δh_t`` at every step, for the projection's weight gradient; ``(0, B, P)``
         without projection.
+    d_u : (T, B, H) array, out
+        The LTM/STM cell's ``δa^u_t``; ``(0, B, H)`` for another cell.
     d_x : (T, B, I) array, out
         Gradient at the input.
     d_w_ih, d_w_hh, d_bias, d_w_hr : arrays, out
         Gradients of the weights (shapes as the weights); ``d_bias`` is the gradient of
         ``b_ih`` and of ``b_hh`` alike. ``d_w_hr`` is ``(0, 0)`` without projection.
+    d_peephole, d_w_u, d_b_u : arrays, out
+        Gradients of the variants' weights, shaped as those; empty for another cell.
     threads : int
         Numba threads to split the work over.
     """
@@ -370,7 +551,10 @@ def backward_kernel(
     hidden = c_seq.shape[2]
     n_out = h_seq.shape[2]
     projecting = w_hr.shape[0] > 0
+    peepholes = peephole.shape[0] > 0
+    use_layer = w_u.shape[0] > 0
     d_r = np.empty((batch, hidden), x.dtype) if projecting else d_h
+    d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
     blocks = _blocks(batch, threads)
     for k in prange(blocks):
@@ -389,13 +573,41 @@ def backward_kernel(
                     else:
                         d_hs[t, b] = 0.0
                 np.dot(d_hs[t, lo:hi], w_hr, d_r[lo:hi])
+            if use_layer:
+                for b in range(lo, hi):
+                    if t < lengths[b]:
+                        use_gate_backward_row_ltm_stm(
+                            u_seq[t, b],
+                            gates[t, b, 3 * hidden :],
+                            d_h[b],
+                            d_u[t, b],
+                            d_gates[t, b, 3 * hidden :],
+                        )
+                    else:
+                        d_u[t, b] = 0.0
+                np.dot(d_u[t, lo:hi], w_u, d_m[lo:hi])
             for b in range(lo, hi):
                 if t >= lengths[b]:
                     d_gates[t, b] = 0.0
                     continue
-                cell_backward_row(
-                    gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
-                )
+                if peepholes:
+                    cell_backward_row_peephole(
+                        gates[t, b],
+                        c_seq[prev, b],
+                        c_seq[cur, b],
+                        peephole,
+                        d_r[b],
+                        d_c[b],
+                        d_gates[t, b],
+                    )
+                elif use_layer:
+                    cell_backward_row_ltm_stm(
+                        gates[t, b], c_seq[prev, b], d_m[b], d_c[b], d_gates[t, b]
+                    )
+                else:
+                    cell_backward_row(
+                        gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
+                    )
             np.dot(d_gates[t, lo:hi], w_hh, d_h_recurrent[lo:hi])
             for b in range(lo, hi):
                 if t < lengths[b]:
@@ -416,6 +628,61 @@ def backward_kernel(
         d_w_hr,
         threads,
     )
+    c_prev = c_seq[1:] if reverse else c_seq[:steps_total]
+    c_cur = c_seq[:steps_total] if reverse else c_seq[1:]
+    _cell_gradients(
+        d_gates.reshape(-1, 4 * hidden),
+        c_prev.reshape(-1, hidden),
+        c_cur.reshape(-1, hidden),
+        d_u.reshape(-1, hidden),
+        m_seq.reshape(-1, hidden),
+        d_peephole,
+        d_w_u,
+        d_b_u,
+        threads,
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _peephole_sums(d_a, c_prev, c, d_peephole):
+    """Add ``δa^i c_{t-1}``, ``δa^f c_{t-1}`` and ``δa^o c_t`` over rows into ``d_peephole``."""
+    hidden = c.shape[1]
+    p_i, p_f, p_o = d_peephole[0], d_peephole[1], d_peephole[2]
+    for row in range(c.shape[0]):
+        d_a_i, d_a_f, _, d_a_o = _split_gates(d_a[row], hidden)
+        c_prev_row, c_row = c_prev[row], c[row]
+        for j in range(hidden):
+            p_i[j] += d_a_i[j] * c_prev_row[j]
+            p_f[j] += d_a_f[j] * c_prev_row[j]
+            p_o[j] += d_a_o[j] * c_row[j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _cell_gradients(d_a, c_prev, c, d_u, m, d_peephole, d_w_u, d_b_u, threads):
+    """The cell variants' weight gradients, sums over all steps split over Numba's threads.
+
+    Peephole: ``δp_i = Σ δa^i c_{t-1}``, ``δp_f = Σ δa^f c_{t-1}``, ``δp_o = Σ δa^o c_t``.
+    LTM/STM: ``δW_u = Σ δa^u m_t^T`` (a GEMM) and ``δb_u = Σ δa^u``. Nothing for an empty
+    ``d_peephole`` or ``d_w_u``.
+    """
+    rows = c.shape[0]
+    peepholes = d_peephole.shape[0] > 0
+    use_layer = d_w_u.shape[0] > 0
+    blocks = _blocks(rows, threads)
+    part_peephole = np.zeros((blocks, d_peephole.shape[0], d_peephole.shape[1]), d_a.dtype)
+    part_w_u = np.empty((blocks, d_w_u.shape[0], d_w_u.shape[1]), d_a.dtype)
+    part_b_u = np.zeros((blocks, d_b_u.shape[0]), d_a.dtype)
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, rows)
+        if use_layer:
+            np.dot(d_u[lo:hi].T, m[lo:hi], part_w_u[k])
+            for row in range(lo, hi):
+                part_b_u[k] += d_u[row]
+        if peepholes:
+            _peephole_sums(d_a[lo:hi], c_prev[lo:hi], c[lo:hi], part_peephole[k])
+    d_peephole[:] = part_peephole.sum(axis=0)
+    d_w_u[:] = part_w_u.sum(axis=0)
+    d_b_u[:] = part_b_u.sum(axis=0)
 
 
 class LayerTape(NamedTuple):
@@ -425,12 +692,16 @@ class LayerTape(NamedTuple):
     w_ih: np.ndarray
     w_hh: np.ndarray
     w_hr: np.ndarray
+    peephole: np.ndarray
+    w_u: np.ndarray
     lengths: np.ndarray
     reverse: bool
     gates: np.ndarray
     c_seq: np.ndarray
     h_seq: np.ndarray
     r_seq: np.ndarray
+    m_seq: np.ndarray
+    u_seq: np.ndarray
 
 
 class LayerGrads(NamedTuple):
@@ -443,9 +714,14 @@ class LayerGrads(NamedTuple):
     d_w_hh: np.ndarray
     d_bias: np.ndarray
     d_w_hr: np.ndarray | None
+    d_peephole: np.ndarray | None = None
+    d_w_u: np.ndarray | None = None
+    d_b_u: np.ndarray | None = None
 
 
-def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
+def layer_forward(
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
+):
     """Run one layer and direction forward (entry point shared by every backend).
 
     Parameters
@@ -463,6 +739,10 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     save : bool
         Keep what the backward pass needs (the tape); otherwise use memory independent
         of ``T`` beyond the output.
+    peephole : (3, H) array or None
+        The peephole cell's weights (rows i, f, o); None for another cell.
+    w_u, b_u : (H, H), (H,) arrays or None
+        The LTM/STM cell's use layer (``b_u`` zeros without bias); None for another cell.
 
     Returns
     -------
@@ -476,7 +756,12 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     dtype = x.dtype
     if w_hr is None:
         w_hr = np.empty((0, 0), dtype)
+    if peephole is None:
+        peephole = np.empty((0, 0), dtype)
+    if w_u is None:
+        w_u, b_u = np.empty((0, 0), dtype), np.empty(0, dtype)
     projecting = w_hr.shape[0] > 0
+    use_layer = w_u.shape[0] > 0
     if save:
         chunk, slots, kept = steps_total, steps_total + 1, steps_total
     else:
@@ -485,12 +770,15 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     c_seq = np.empty((slots, batch, hidden), dtype)
     h_seq = np.empty((slots, batch, n_out), dtype)
     r_seq = np.empty((kept if projecting else 0, batch, hidden), dtype)
+    m_seq = np.empty((kept if use_layer else 0, batch, hidden), dtype)
+    u_seq = np.empty((kept if use_layer else 0, batch, hidden), dtype)
     y = np.empty((steps_total, batch, n_out), dtype)
     first, last = (steps_total % slots, 0) if reverse else (0, steps_total % slots)
     c_seq[first] = c0
     h_seq[first] = h0
     w_hh_t = np.ascontiguousarray(w_hh.T)
     w_hr_t = np.ascontiguousarray(w_hr.T)
+    w_u_t = np.ascontiguousarray(w_u.T)
     with single_threaded_blas():
         forward_kernel(
             x,
@@ -498,18 +786,38 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
             w_hh_t,
             bias,
             w_hr_t,
+            peephole,
+            w_u_t,
+            b_u,
             lengths,
             reverse,
             gates,
             c_seq,
             h_seq,
             r_seq,
+            m_seq,
+            u_seq,
             y,
             get_num_threads(),
         )
     tape = None
     if save:
-        tape = LayerTape(x, w_ih, w_hh, w_hr, lengths, reverse, gates, c_seq, h_seq, r_seq)
+        tape = LayerTape(
+            x,
+            w_ih,
+            w_hh,
+            w_hr,
+            peephole,
+            w_u,
+            lengths,
+            reverse,
+            gates,
+            c_seq,
+            h_seq,
+            r_seq,
+            m_seq,
+            u_seq,
+        )
     return y, h_seq[last].copy(), c_seq[last].copy(), tape
 
 
@@ -528,41 +836,67 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     Returns
     -------
     LayerGrads
+        With ``d_peephole``, ``d_w_u`` and ``d_b_u`` for the cells that have them.
     """
     x, w_ih, w_hh, w_hr = tape.x, tape.w_ih, tape.w_hh, tape.w_hr
     dtype = x.dtype
     projecting = w_hr.shape[0] > 0
+    peepholes = tape.peephole.shape[0] > 0
+    use_layer = tape.w_u.shape[0] > 0
     d_h = np.array(d_h_n, dtype, copy=True)
     d_c = np.array(d_c_n, dtype, copy=True)
     d_gates = np.empty(tape.gates.shape, dtype)
     d_hs = np.empty((len(x) if projecting else 0, *d_h.shape), dtype)
+    d_u = np.empty(tape.u_seq.shape, dtype)
     d_x = np.empty(x.shape, dtype)
     d_w_ih = np.empty(w_ih.shape, dtype)
     d_w_hh = np.empty(w_hh.shape, dtype)
     d_bias = np.empty(w_ih.shape[0], dtype)
     d_w_hr = np.empty(w_hr.shape, dtype)
+    d_peephole = np.empty(tape.peephole.shape, dtype)
+    d_w_u = np.empty(tape.w_u.shape, dtype)
+    d_b_u = np.empty(tape.w_u.shape[0], dtype)
     with single_threaded_blas():
         backward_kernel(
             x,
             w_ih,
             w_hh,
             w_hr,
+            tape.peephole,
+            tape.w_u,
             tape.lengths,
             tape.reverse,
             tape.gates,
             tape.c_seq,
             tape.h_seq,
             tape.r_seq,
+            tape.m_seq,
+            tape.u_seq,
             d_y,
             d_h,
             d_c,
             d_gates,
             d_hs,
+            d_u,
             d_x,
             d_w_ih,
             d_w_hh,
             d_bias,
             d_w_hr,
+            d_peephole,
+            d_w_u,
+            d_b_u,
             get_num_threads(),
         )
-    return LayerGrads(d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_w_hr if projecting else None)
+    return LayerGrads(
+        d_x,
+        d_h,
+        d_c,
+        d_w_ih,
+        d_w_hh,
+        d_bias,
+        d_w_hr if projecting else None,
+        d_peephole if peepholes else None,
+        d_w_u if use_layer else None,
+        d_b_u if use_layer else None,
+    )

@@ -7,11 +7,12 @@ A forward pass of one layer and direction is two launches, whatever the sequence
 2. :func:`forward_loop` runs the whole time loop in one cooperative launch. Each block owns
    a slice of hidden units, with all four gates of those units, so the cell update of a
    unit stays inside the thread that computes its gates; a grid-wide barrier
-   (``cuda.cg.this_grid().sync()``) separates the steps (two with projection, whose
-   product needs every unit of the step).
+   (``cuda.cg.this_grid().sync()``) separates the steps (two with projection, or with the
+   LTM/STM cell's use layer, whose products need every unit of the step).
 
 A backward pass is :func:`backward_loop` (one cooperative launch for the time loop, two
-barriers per step) followed by GEMMs over all steps for ``d_x`` and the weight gradients.
+barriers per step, three for the LTM/STM cell) followed by GEMMs over all steps for ``d_x``
+and the weight gradients (and :func:`peephole_gradient_kernel` for the peephole cell).
 The gate math is :mod:`numlstm.gates`, the same ``@njit`` functions the CPU kernels call:
 a CUDA kernel compiles them for the device.
 
@@ -34,7 +35,16 @@ import numpy as np
 from numba import config, cuda, types
 
 from ..equations import implements
-from ..gates import cell_backward, cell_forward
+from ..gates import (
+    cell_backward,
+    cell_backward_ltm_stm,
+    cell_backward_peephole,
+    cell_forward,
+    cell_forward_ltm_stm,
+    cell_forward_peephole,
+    use_gate_backward_ltm_stm,
+    use_gate_ltm_stm,
+)
 from . import cuda_array
 from .cpu import LayerGrads
 
@@ -135,10 +145,33 @@ def gemm_kernel(a, b, bias, c, trans_a, trans_b):
     "hidden-update",
     "projection",
     "padding",
+    "peephole-input-gate",
+    "peephole-forget-gate",
+    "peephole-output-gate",
+    "kept-memory",
+    "use-layer",
+    "use-gate-output",
     backend="cuda",
 )
 @cuda.jit
-def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_seq, r_seq, y):
+def forward_loop(
+    w_hh_t,
+    w_hr_t,
+    peephole,
+    w_u_t,
+    b_u,
+    lengths,
+    reverse,
+    t_lo,
+    t_hi,
+    gates,
+    c_seq,
+    h_seq,
+    r_seq,
+    m_seq,
+    u_seq,
+    y,
+):
     """Forward time loop of one layer and direction, steps ``t_lo`` to ``t_hi - 1``.
 
     A cooperative launch: block ``k`` of ``n`` owns hidden units ``[k u, (k + 1) u)`` with
@@ -152,6 +185,10 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
         Transposed recurrent weights, so that neighbouring units read neighbouring words.
     w_hr_t : (H, P) array
         Transposed projection weights, or ``(0, 0)`` without projection.
+    peephole : (3, H) array
+        The peephole cell's weights (rows i, f, o), or ``(0, 0)``.
+    w_u_t, b_u : (H, H), (H,) arrays
+        The LTM/STM cell's use layer (``W_u`` transposed), or ``(0, 0)`` and ``(0,)``.
     lengths : (B,) int64 array
     reverse : bool
     t_lo, t_hi : int
@@ -163,6 +200,8 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
         Rings of states; the state before the first step must be in its slot.
     r_seq : (R, B, H) array, out
         ``o_t * tanh(c_t)`` before projection (``R == 0`` without projection).
+    m_seq, u_seq : (R, B, H) arrays, out
+        The LTM/STM cell's kept memory and use layer (``R == 0`` for another cell).
     y : (T, B, P) array, out
         The output: ``h_t`` at real steps, zeros at padded ones.
     """
@@ -172,6 +211,8 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
     n_out = h_seq.shape[2]
     slots = c_seq.shape[0]
     projecting = w_hr_t.shape[0] > 0
+    peepholes = peephole.shape[0] > 0
+    use_layer = w_u_t.shape[0] > 0
     zero = y.dtype.type(0)
     units = (hidden + cuda.gridDim.x - 1) // cuda.gridDim.x
     j_lo = cuda.blockIdx.x * units
@@ -197,7 +238,16 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
                     a_f += h_k * w_hh_t[k, hidden + j]
                     a_g += h_k * w_hh_t[k, 2 * hidden + j]
                     a_o += h_k * w_hh_t[k, 3 * hidden + j]
-                i, f, g, o, c, r = cell_forward(a_i, a_f, a_g, a_o, c_seq[prev, b, j])
+                c_prev = c_seq[prev, b, j]
+                if peepholes:
+                    i, f, g, o, c, r = cell_forward_peephole(
+                        a_i, a_f, a_g, a_o, c_prev, peephole[0, j], peephole[1, j], peephole[2, j]
+                    )
+                elif use_layer:
+                    # r is the kept memory here: the use layer's input, not h_t.
+                    i, f, g, o, c, r = cell_forward_ltm_stm(a_i, a_f, a_g, a_o, c_prev)
+                else:
+                    i, f, g, o, c, r = cell_forward(a_i, a_f, a_g, a_o, c_prev)
                 a[b, j] = i
                 a[b, hidden + j] = f
                 a[b, 2 * hidden + j] = g
@@ -208,9 +258,30 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
                 r = zero  # padded: the projection's weight gradient reads zeros here
             if projecting:
                 r_seq[t % r_seq.shape[0], b, j] = r
+            elif use_layer:
+                m_seq[t % m_seq.shape[0], b, j] = r
             else:
                 h_seq[cur, b, j] = r if real else h_seq[prev, b, j]
                 y[t, b, j] = r
+        if use_layer:
+            grid.sync()
+            m_t = m_seq[t % m_seq.shape[0]]
+            u_t = u_seq[t % u_seq.shape[0]]
+            for item in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+                b = item // hidden
+                j = item % hidden
+                if t < lengths[b]:
+                    a_u = b_u[j]
+                    for k in range(hidden):
+                        a_u += m_t[b, k] * w_u_t[k, j]
+                    u, h = use_gate_ltm_stm(a_u, a[b, 3 * hidden + j])
+                    u_t[b, j] = u
+                    h_seq[cur, b, j] = h
+                    y[t, b, j] = h
+                else:
+                    u_t[b, j] = zero
+                    h_seq[cur, b, j] = h_seq[prev, b, j]
+                    y[t, b, j] = zero
         if projecting:
             grid.sync()
             r_t = r_seq[t % r_seq.shape[0]]
@@ -238,25 +309,50 @@ def forward_loop(w_hh_t, w_hr_t, lengths, reverse, t_lo, t_hi, gates, c_seq, h_s
     "d-forget-gate",
     "d-cell-candidate",
     "d-initial-state",
+    "d-peephole-cell",
+    "d-use-gate",
+    "d-use-layer",
+    "d-kept-memory",
+    "d-ltm-stm-cell",
+    "d-ltm-stm-forget-gate",
     backend="cuda",
 )
 @cuda.jit
-def backward_loop(w_hh, w_hr, lengths, reverse, gates, c_seq, d_y, d_h, d_c, d_gates, d_hs):
+def backward_loop(
+    w_hh,
+    w_hr,
+    peephole,
+    w_u,
+    lengths,
+    reverse,
+    gates,
+    c_seq,
+    u_seq,
+    d_y,
+    d_h,
+    d_c,
+    d_gates,
+    d_hs,
+    d_u,
+):
     """Backward time loop of one layer and direction, in one cooperative launch.
 
     Per step: every thread of the grid forms ``δh_t`` (its share of ``(b, p)``); after a
-    barrier each block runs :func:`numlstm.gates.cell_backward` for its hidden units
-    (the slices of :func:`forward_loop`); after another, the grid forms
-    ``δa_t W_hh``, the recurrent part of the next ``δh``.
+    barrier each block runs :func:`numlstm.gates.cell_backward` (or its variant's) for
+    its hidden units (the slices of :func:`forward_loop`); after another, the grid forms
+    ``δa_t W_hh``, the recurrent part of the next ``δh``. The LTM/STM cell first runs its
+    use gate's backward over the grid, and after a barrier each unit reads ``W_u^T δa^u_t``.
 
     Parameters
     ----------
     w_hh : (4H, P) array
     w_hr : (P, H) array, or ``(0, 0)`` without projection
+    peephole : (3, H) array, or ``(0, 0)``
+    w_u : (H, H) array, or ``(0, 0)``
     lengths : (B,) int64 array
     reverse : bool
-    gates, c_seq : arrays
-        The tape of a forward pass with ``C == T`` and ``S == T + 1``.
+    gates, c_seq, u_seq : arrays
+        The tape of a forward pass with ``C == T``, ``S == T + 1`` (and ``R == T``).
     d_y : (T, B, P) array
         Gradient at the output; ignored at padded steps.
     d_h : (B, P) array, in/out
@@ -267,12 +363,16 @@ def backward_loop(w_hh, w_hr, lengths, reverse, gates, c_seq, d_y, d_h, d_c, d_g
         ``δa_t`` (zero at padded steps).
     d_hs : (T, B, P) array, out
         ``δh_t`` at every step (zero at padded steps).
+    d_u : (T, B, H) array, out
+        The LTM/STM cell's ``δa^u_t`` (zero at padded steps); ``(0, B, H)`` otherwise.
     """
     grid = cuda.cg.this_grid()
     steps_total, batch, four_hidden = gates.shape
     hidden = four_hidden // 4
     n_out = d_h.shape[1]
     projecting = w_hr.shape[0] > 0
+    peepholes = peephole.shape[0] > 0
+    use_layer = w_u.shape[0] > 0
     zero = d_y.dtype.type(0)
     units = (hidden + cuda.gridDim.x - 1) // cuda.gridDim.x
     j_lo = cuda.blockIdx.x * units
@@ -287,6 +387,17 @@ def backward_loop(w_hh, w_hr, lengths, reverse, gates, c_seq, d_y, d_h, d_c, d_g
         prev = t + 1 if reverse else t
         cur = t if reverse else t + 1
         grid.sync()
+        if use_layer:
+            for item in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
+                b = item // hidden
+                j = item % hidden
+                if t < lengths[b]:
+                    d_u[t, b, j], d_gates[t, b, 3 * hidden + j] = use_gate_backward_ltm_stm(
+                        u_seq[t, b, j], gates[t, b, 3 * hidden + j], d_hs[t, b, j]
+                    )
+                else:
+                    d_u[t, b, j] = zero
+            grid.sync()
         for item in range(cuda.threadIdx.x, batch * units, cuda.blockDim.x):
             b = item // units
             j = j_lo + item % units
@@ -302,22 +413,41 @@ def backward_loop(w_hh, w_hr, lengths, reverse, gates, c_seq, d_y, d_h, d_c, d_g
                     d_r += d_hs[t, b, p] * w_hr[p, j]
             else:
                 d_r = d_hs[t, b, j]
-            (
-                d_gates[t, b, j],
-                d_gates[t, b, hidden + j],
-                d_gates[t, b, 2 * hidden + j],
-                d_gates[t, b, 3 * hidden + j],
-                d_c[b, j],
-            ) = cell_backward(
-                gates[t, b, j],
-                gates[t, b, hidden + j],
-                gates[t, b, 2 * hidden + j],
-                gates[t, b, 3 * hidden + j],
-                c_seq[prev, b, j],
-                c_seq[cur, b, j],
-                d_r,
-                d_c[b, j],
-            )
+            i = gates[t, b, j]
+            f = gates[t, b, hidden + j]
+            g = gates[t, b, 2 * hidden + j]
+            o = gates[t, b, 3 * hidden + j]
+            c_prev = c_seq[prev, b, j]
+            if use_layer:
+                d_m = zero
+                for k in range(hidden):
+                    d_m += d_u[t, b, k] * w_u[k, j]
+                d_a_i, d_a_f, d_a_g, d_c[b, j] = cell_backward_ltm_stm(
+                    i, f, g, c_prev, d_m, d_c[b, j]
+                )
+                d_a_o = d_gates[t, b, 3 * hidden + j]
+            elif peepholes:
+                d_a_i, d_a_f, d_a_g, d_a_o, d_c[b, j] = cell_backward_peephole(
+                    i,
+                    f,
+                    g,
+                    o,
+                    c_prev,
+                    c_seq[cur, b, j],
+                    peephole[0, j],
+                    peephole[1, j],
+                    peephole[2, j],
+                    d_r,
+                    d_c[b, j],
+                )
+            else:
+                d_a_i, d_a_f, d_a_g, d_a_o, d_c[b, j] = cell_backward(
+                    i, f, g, o, c_prev, c_seq[cur, b, j], d_r, d_c[b, j]
+                )
+            d_gates[t, b, j] = d_a_i
+            d_gates[t, b, hidden + j] = d_a_f
+            d_gates[t, b, 2 * hidden + j] = d_a_g
+            d_gates[t, b, 3 * hidden + j] = d_a_o
         grid.sync()
         following = t + 1 if reverse else t - 1
         for item in range(cuda.grid(1), batch * n_out, cuda.gridsize(1)):
@@ -331,6 +461,32 @@ def backward_loop(w_hh, w_hr, lengths, reverse, gates, c_seq, d_y, d_h, d_c, d_g
             if n + 1 < steps_total:
                 real = following < lengths[b]
                 d_hs[following, b, k] = d_h[b, k] + d_y[following, b, k] if real else zero
+
+
+@implements("d-peephole-weights", backend="cuda")
+@cuda.jit
+def peephole_gradient_kernel(d_gates, c_seq, reverse, d_peephole):
+    """``δp`` of the peephole cell, summed over all steps: one thread per weight.
+
+    Row 0 sums ``δa^i_t c_{t-1}``, row 1 ``δa^f_t c_{t-1}``, row 2 ``δa^o_t c_t`` over steps
+    and sequences (``δa_t`` is zero at padded steps). ``d_peephole`` is ``(3, H)``.
+    """
+    k = cuda.grid(1)
+    steps_total, batch, four_hidden = d_gates.shape
+    hidden = four_hidden // 4
+    if k >= 3 * hidden:
+        return
+    row = k // hidden
+    j = k % hidden
+    gate = 3 if row == 2 else row  # rows i, f, o are gate blocks 0, 1, 3
+    total = d_gates.dtype.type(0)
+    for t in range(steps_total):
+        prev = t + 1 if reverse else t
+        cur = t if reverse else t + 1
+        slot = cur if row == 2 else prev
+        for b in range(batch):
+            total += d_gates[t, b, gate * hidden + j] * c_seq[slot, b, j]
+    d_peephole[row, j] = total
 
 
 @cuda.jit
@@ -347,13 +503,14 @@ def _signature_gemm(f):
 
 
 def _signature_forward(f):
-    c2, c3 = f[:, ::1], f[:, :, ::1]
-    return (c2, c2, types.int64[::1], types.boolean, types.int64, types.int64, c3, c3, c3, c3, c3)
+    c1, c2, c3 = f[::1], f[:, ::1], f[:, :, ::1]
+    steps = (types.int64[::1], types.boolean, types.int64, types.int64)
+    return (c2, c2, c2, c2, c1, *steps, c3, c3, c3, c3, c3, c3, c3)
 
 
 def _signature_backward(f):
     c2, c3 = f[:, ::1], f[:, :, ::1]
-    return (c2, c2, types.int64[::1], types.boolean, c3, c3, c3, c2, c2, c3, c3)
+    return (c2, c2, c2, c2, types.int64[::1], types.boolean, c3, c3, c3, c3, c2, c2, c3, c3, c3)
 
 
 #: Every CUDA kernel of the backend, with its argument types for a float type ``f``
@@ -364,6 +521,7 @@ KERNEL_SIGNATURES = {
     gemm_kernel: _signature_gemm,
     forward_loop: _signature_forward,
     backward_loop: _signature_backward,
+    peephole_gradient_kernel: lambda f: (f[:, :, ::1], f[:, :, ::1], types.boolean, f[:, ::1]),
     transpose_kernel: lambda f: (f[:, ::1], f[:, ::1]),
     **cuda_array.ARRAY_KERNELS,
 }
@@ -415,6 +573,8 @@ class LayerTape(NamedTuple):
     w_ih: object
     w_hh: object
     w_hr: object
+    peephole: object
+    w_u: object
     lengths: np.ndarray
     d_lengths: object
     reverse: bool
@@ -422,9 +582,13 @@ class LayerTape(NamedTuple):
     c_seq: object
     h_seq: object
     r_seq: object
+    m_seq: object
+    u_seq: object
 
 
-def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
+def layer_forward(
+    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
+):
     """Run one layer and direction forward (entry point shared by every backend).
 
     Arguments and results as :func:`numlstm.backends.cpu.layer_forward`; arrays may be
@@ -438,7 +602,16 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     n_out = w_hh.shape[1]
     dtype = x.dtype
     w_hr = cuda_array.empty((0, 0), dtype) if w_hr is None else cuda_array.device_parameter(w_hr)
+    if peephole is None:
+        peephole = cuda_array.empty((0, 0), dtype)
+    else:
+        peephole = cuda_array.device_parameter(peephole)
+    if w_u is None:
+        w_u, b_u = cuda_array.empty((0, 0), dtype), cuda_array.empty(0, dtype)
+    else:
+        w_u, b_u = cuda_array.device_parameter(w_u), cuda_array.ascontiguousarray(b_u)
     projecting = w_hr.shape[0] > 0
+    use_layer = w_u.shape[0] > 0
     if save:
         chunk, slots, kept = steps_total, steps_total + 1, steps_total
     else:
@@ -447,6 +620,8 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     c_seq = cuda_array.empty((slots, batch, hidden), dtype)
     h_seq = cuda_array.empty((slots, batch, n_out), dtype)
     r_seq = cuda_array.empty((kept if projecting else 0, batch, hidden), dtype)
+    m_seq = cuda_array.empty((kept if use_layer else 0, batch, hidden), dtype)
+    u_seq = cuda_array.empty((kept if use_layer else 0, batch, hidden), dtype)
     y = cuda_array.empty((steps_total, batch, n_out), dtype)
     first, last = (steps_total % slots, 0) if reverse else (0, steps_total % slots)
     c_seq[first] = cuda_array.ascontiguousarray(c0)
@@ -454,6 +629,7 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
     d_lengths = cuda.to_device(lengths)
     w_hh_t = _transpose(w_hh)
     w_hr_t = _transpose(w_hr)
+    w_u_t = _transpose(w_u)
     for n in range((steps_total + chunk - 1) // chunk):
         if reverse:
             t_lo, t_hi = max(steps_total - (n + 1) * chunk, 0), steps_total - n * chunk
@@ -467,12 +643,28 @@ def layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save):
             bias,
             trans_b=True,
         )
-        args = (w_hh_t, w_hr_t, d_lengths, reverse, t_lo, t_hi, gates, c_seq, h_seq, r_seq, y)
-        _launch_persistent(forward_loop, hidden, args)
+        args = (w_hh_t, w_hr_t, peephole, w_u_t, b_u, d_lengths, reverse, t_lo, t_hi)
+        _launch_persistent(
+            forward_loop, hidden, (*args, gates, c_seq, h_seq, r_seq, m_seq, u_seq, y)
+        )
     tape = None
     if save:
         tape = LayerTape(
-            x, w_ih, w_hh, w_hr, lengths, d_lengths, reverse, gates, c_seq, h_seq, r_seq
+            x,
+            w_ih,
+            w_hh,
+            w_hr,
+            peephole,
+            w_u,
+            lengths,
+            d_lengths,
+            reverse,
+            gates,
+            c_seq,
+            h_seq,
+            r_seq,
+            m_seq,
+            u_seq,
         )
     return y, cuda_array.copy(h_seq[last]), cuda_array.copy(c_seq[last]), tape
 
@@ -488,13 +680,20 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     n_out = w_hh.shape[1]
     dtype = x.dtype
     projecting = w_hr.shape[0] > 0
+    peepholes = tape.peephole.shape[0] > 0
+    use_layer = tape.w_u.shape[0] > 0
     d_y = cuda_array.ascontiguousarray(d_y)
     d_h = cuda_array.copy(d_h_n)
     d_c = cuda_array.copy(d_c_n)
     d_gates = cuda_array.empty(tape.gates.shape, dtype)
     d_hs = cuda_array.empty((steps_total, batch, n_out), dtype)
-    args = (w_hh, w_hr, tape.d_lengths, tape.reverse, tape.gates, tape.c_seq)
-    _launch_persistent(backward_loop, hidden, (*args, d_y, d_h, d_c, d_gates, d_hs))
+    d_u = cuda_array.empty(tape.u_seq.shape, dtype)
+    args = (w_hh, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tape.gates)
+    _launch_persistent(
+        backward_loop,
+        hidden,
+        (*args, tape.c_seq, tape.u_seq, d_y, d_h, d_c, d_gates, d_hs, d_u),
+    )
 
     rows = steps_total * batch
     d_a = d_gates.reshape((rows, 4 * hidden))
@@ -512,4 +711,28 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     if projecting:
         d_w_hr = cuda_array.empty(w_hr.shape, dtype)
         gemm(d_hs.reshape((rows, n_out)), tape.r_seq.reshape((rows, hidden)), d_w_hr, trans_a=True)
-    return LayerGrads(d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias.reshape(4 * hidden), d_w_hr)
+    d_peephole = d_w_u = d_b_u = None
+    if peepholes:
+        d_peephole = cuda_array.empty(tape.peephole.shape, dtype)
+        peephole_gradient_kernel[cuda_array._blocks(3 * hidden), cuda_array.THREADS](
+            d_gates, tape.c_seq, tape.reverse, d_peephole
+        )
+    if use_layer:
+        d_a_u = d_u.reshape((rows, hidden))
+        d_w_u = cuda_array.empty(tape.w_u.shape, dtype)
+        gemm(d_a_u, tape.m_seq.reshape((rows, hidden)), d_w_u, trans_a=True)
+        d_b_u = cuda_array.empty((1, hidden), dtype)
+        gemm(ones, d_a_u, d_b_u)
+        d_b_u = d_b_u.reshape(hidden)
+    return LayerGrads(
+        d_x,
+        d_h,
+        d_c,
+        d_w_ih,
+        d_w_hh,
+        d_bias.reshape(4 * hidden),
+        d_w_hr,
+        d_peephole,
+        d_w_u,
+        d_b_u,
+    )
