@@ -269,6 +269,57 @@ def _block(k, blocks, size):
     return k * size // blocks, (k + 1) * size // blocks
 
 
+#: The per-step product of a few sequences with large recurrent weights runs as dot
+#: products over the rows of the weights instead of a BLAS GEMM: OpenBLAS repacks the
+#: whole weight matrix at every call, which dominated at (B, H) = (8, 512) (measured 2-3x
+#: slower than the dot products for up to 8 rows and 1 M weights).
+DOT_PRODUCT_MAX_ROWS = 8
+DOT_PRODUCT_MIN_WEIGHTS = 1 << 18
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _rows_times_transposed(rows, w, out):
+    """``out = rows @ w.T`` as dot products, four rows sharing each load of ``w[j]``.
+
+    ``rows`` is ``(n, K)`` and ``w`` ``(J, K)``, both C-contiguous. The sums are
+    reassociated (that is what lets LLVM vectorise them), so they differ from the BLAS
+    product by rounding only.
+    """
+    n, width = rows.shape
+    full = n - n % 4
+    for b in range(0, full, 4):
+        h0, h1, h2, h3 = rows[b], rows[b + 1], rows[b + 2], rows[b + 3]
+        for j in range(w.shape[0]):
+            w_j = w[j]
+            a0, a1, a2, a3 = w_j[0] * h0[0], w_j[0] * h1[0], w_j[0] * h2[0], w_j[0] * h3[0]
+            for k in range(1, width):
+                a0 += w_j[k] * h0[k]
+                a1 += w_j[k] * h1[k]
+                a2 += w_j[k] * h2[k]
+                a3 += w_j[k] * h3[k]
+            out[b, j], out[b + 1, j], out[b + 2, j], out[b + 3, j] = a0, a1, a2, a3
+    for b in range(full, n):
+        h0 = rows[b]
+        for j in range(w.shape[0]):
+            w_j = w[j]
+            a0 = w_j[0] * h0[0]
+            for k in range(1, width):
+                a0 += w_j[k] * h0[k]
+            out[b, j] = a0
+
+
+@njit(cache=True, nogil=True)
+def _recurrent_product(rows, w_t, w, out):
+    """``out = rows @ w_t`` for one step, where ``w`` is ``w_t`` transposed (contiguous).
+
+    BLAS, except for a few rows against large weights (see ``DOT_PRODUCT_MAX_ROWS``).
+    """
+    if rows.shape[0] <= DOT_PRODUCT_MAX_ROWS and w.size >= DOT_PRODUCT_MIN_WEIGHTS:
+        _rows_times_transposed(rows, w, out)
+    else:
+        np.dot(rows, w_t, out)
+
+
 @implements(
     "input-projection",
     "recurrent-projection",
@@ -292,6 +343,7 @@ def _block(k, blocks, size):
 def forward_kernel(
     x,
     w_ih,
+    w_hh,
     w_hh_t,
     bias,
     w_hr_t,
@@ -324,8 +376,9 @@ def forward_kernel(
         The layer's input.
     w_ih : (4H, I) array
         Input weights, gates stacked i, f, g, o.
-    w_hh_t : (P, 4H) array
-        Recurrent weights, transposed (the per-step product is fastest this way round).
+    w_hh, w_hh_t : (4H, P), (P, 4H) arrays
+        Recurrent weights, and the same transposed: BLAS's per-step product is fastest
+        with ``W_hh^T``, the dot products of :func:`_rows_times_transposed` with ``W_hh``.
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias).
     w_hr_t : (H, P) array
@@ -392,7 +445,7 @@ def forward_kernel(
                 a = gates[t - t_lo]
                 r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
                 m = m_seq[t % m_seq.shape[0]] if use_layer else r
-                np.dot(h_seq[prev, lo:hi], w_hh_t, recurrent[lo:hi])
+                _recurrent_product(h_seq[prev, lo:hi], w_hh_t, w_hh, recurrent[lo:hi])
                 for b in range(lo, hi):
                     if t >= lengths[b]:
                         c_seq[cur, b] = c_seq[prev, b]
@@ -488,6 +541,7 @@ def backward_kernel(
     x,
     w_ih,
     w_hh,
+    w_hh_t,
     w_hr,
     peephole,
     w_u,
@@ -517,8 +571,8 @@ def backward_kernel(
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
 
-    Shapes and the first fourteen arguments are those of :func:`forward_kernel` (with the
-    weights untransposed), as saved by a forward pass with ``C == T``, ``S == T + 1`` and
+    Shapes and the first fifteen arguments are those of :func:`forward_kernel` (with the
+    other weights untransposed), as saved by a forward pass with ``C == T``, ``S == T + 1`` and
     ``R == T`` (with projection or the LTM/STM cell). The time loop runs on blocks of
     sequences in parallel, like the forward one.
 
@@ -608,7 +662,7 @@ def backward_kernel(
                     cell_backward_row(
                         gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
                     )
-            np.dot(d_gates[t, lo:hi], w_hh, d_h_recurrent[lo:hi])
+            _recurrent_product(d_gates[t, lo:hi], w_hh, w_hh_t, d_h_recurrent[lo:hi])
             for b in range(lo, hi):
                 if t < lengths[b]:
                     d_h[b] = d_h_recurrent[b]
@@ -783,6 +837,7 @@ def layer_forward(
         forward_kernel(
             x,
             w_ih,
+            w_hh,
             w_hh_t,
             bias,
             w_hr_t,
@@ -861,6 +916,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
             x,
             w_ih,
             w_hh,
+            np.ascontiguousarray(w_hh.T),
             w_hr,
             tape.peephole,
             tape.w_u,
