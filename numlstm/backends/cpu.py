@@ -77,7 +77,7 @@ def _start_numba_threads():
     GNU OpenMP's default is to spin after each parallel region. With another OpenMP pool
     in the process (torch has its own), the spinning workers of each pool took the
     cores from the other: measured 100x slower for both. Passive workers cost a wake-up
-    per parallel region instead, and this kernel has one per chunk of steps. The policy
+    per parallel region instead, and the kernels have two per chunk of steps. The policy
     is read once, when the pool starts, so the environment is restored right after; a
     policy the user set is kept.
     """
