@@ -72,24 +72,30 @@ def single_threaded_blas():
 
 
 def _start_numba_threads():
-    """Start Numba's thread pool with OpenMP's workers sleeping, not spinning, when idle.
+    """Start Numba's thread pool with OpenMP's workers spinning only briefly when idle.
 
-    GNU OpenMP's default is to spin after each parallel region. With another OpenMP pool
-    in the process (torch has its own), the spinning workers of each pool took the
-    cores from the other: measured 100x slower for both. Passive workers cost a wake-up
-    per parallel region instead, and the kernels have two per chunk of steps. The policy
-    is read once, when the pool starts, so the environment is restored right after; a
-    policy the user set is kept.
+    GNU OpenMP's default is to spin for a long time after each parallel region. With
+    another OpenMP pool in the process (torch has its own), the spinning workers of each
+    pool took the cores from the other: measured 100x slower for both. Workers that
+    sleep at once (``OMP_WAIT_POLICY=PASSIVE``) cost a wake-up per parallel region,
+    measured 100 us, which doubled the time of small calls. A short spin
+    (``GOMP_SPINCOUNT``) keeps the workers awake between the regions of one call and
+    asleep between calls. The settings are read once, when the pool starts, so the
+    environment is restored right after; settings the user made are kept.
     """
-    if "OMP_WAIT_POLICY" in os.environ:
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(GOMP_SPINCOUNT)
     try:
         from numba.np.ufunc.parallel import _launch_threads
 
         _launch_threads()
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+#: Iterations Numba's OpenMP workers spin before they sleep (libgomp's default: 300,000).
+GOMP_SPINCOUNT = 20_000
 
 
 _start_numba_threads()
