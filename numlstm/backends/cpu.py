@@ -6,9 +6,8 @@ per step; the input term of all steps, the input gradient and the weight gradien
 big GEMMs before or after the loop. The gate math is :mod:`numlstm.gates`, shared with the
 CUDA kernels.
 
-States live in a ring of ``S`` slots: the state at time boundary ``s`` (after ``s`` steps of
-the forward direction, before step ``s`` of the reverse one) is slot ``s % S``. Training
-keeps every boundary (``S = T + 1``) for the backward pass; inference keeps two.
+The buffers (the ring of states, the tape) are laid out by :mod:`numlstm.backends._layout`,
+as on every backend.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from ..gates import (
     use_gate_backward_ltm_stm,
     use_gate_ltm_stm,
 )
+from . import _layout
 
 name = "cpu"
 
@@ -810,7 +810,6 @@ def layer_forward(
     h_n, c_n : (B, P), (B, H) arrays
     tape : LayerTape or None
     """
-    steps_total, batch, _ = x.shape
     hidden = w_hh.shape[0] // 4
     n_out = w_hh.shape[1]
     dtype = x.dtype
@@ -820,20 +819,17 @@ def layer_forward(
         peephole = np.empty((0, 0), dtype)
     if w_u is None:
         w_u, b_u = np.empty((0, 0), dtype), np.empty(0, dtype)
-    projecting = w_hr.shape[0] > 0
-    use_layer = w_u.shape[0] > 0
-    if save:
-        chunk, slots, kept = steps_total, steps_total + 1, steps_total
-    else:
-        chunk, slots, kept = min(steps_total, INFERENCE_CHUNK), 2, 1
-    gates = np.empty((chunk, batch, 4 * hidden), dtype)
-    c_seq = np.empty((slots, batch, hidden), dtype)
-    h_seq = np.empty((slots, batch, n_out), dtype)
-    r_seq = np.empty((kept if projecting else 0, batch, hidden), dtype)
-    m_seq = np.empty((kept if use_layer else 0, batch, hidden), dtype)
-    u_seq = np.empty((kept if use_layer else 0, batch, hidden), dtype)
-    y = np.empty((steps_total, batch, n_out), dtype)
-    first, last = (steps_total % slots, 0) if reverse else (0, steps_total % slots)
+    gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, first, last = _layout.allocate(
+        np,
+        x,
+        hidden,
+        n_out,
+        save=save,
+        reverse=reverse,
+        projecting=w_hr.shape[0] > 0,
+        use_layer=w_u.shape[0] > 0,
+        chunk=INFERENCE_CHUNK,
+    )
     c_seq[first] = c0
     h_seq[first] = h0
     w_hh_t = np.ascontiguousarray(w_hh.T)

@@ -45,7 +45,7 @@ from ..gates import (
     use_gate_backward_ltm_stm,
     use_gate_ltm_stm,
 )
-from . import cuda_array
+from . import _layout, cuda_array
 from .cpu import LayerGrads
 
 name = "cuda"
@@ -612,18 +612,18 @@ def layer_forward(
         w_u, b_u = cuda_array.device_parameter(w_u), cuda_array.ascontiguousarray(b_u)
     projecting = w_hr.shape[0] > 0
     use_layer = w_u.shape[0] > 0
-    if save:
-        chunk, slots, kept = steps_total, steps_total + 1, steps_total
-    else:
-        chunk, slots, kept = min(steps_total, INFERENCE_CHUNK), 2, 1
-    gates = cuda_array.empty((chunk, batch, 4 * hidden), dtype)
-    c_seq = cuda_array.empty((slots, batch, hidden), dtype)
-    h_seq = cuda_array.empty((slots, batch, n_out), dtype)
-    r_seq = cuda_array.empty((kept if projecting else 0, batch, hidden), dtype)
-    m_seq = cuda_array.empty((kept if use_layer else 0, batch, hidden), dtype)
-    u_seq = cuda_array.empty((kept if use_layer else 0, batch, hidden), dtype)
-    y = cuda_array.empty((steps_total, batch, n_out), dtype)
-    first, last = (steps_total % slots, 0) if reverse else (0, steps_total % slots)
+    gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, first, last = _layout.allocate(
+        cuda_array,
+        x,
+        hidden,
+        n_out,
+        save=save,
+        reverse=reverse,
+        projecting=projecting,
+        use_layer=use_layer,
+        chunk=INFERENCE_CHUNK,
+    )
+    chunk = gates.shape[0]
     c_seq[first] = cuda_array.ascontiguousarray(c0)
     h_seq[first] = cuda_array.ascontiguousarray(h0)
     d_lengths = cuda.to_device(lengths)
