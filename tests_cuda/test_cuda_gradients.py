@@ -11,8 +11,8 @@ stacks of layers; this test checks the CUDA gradients without trusting the CPU.
 from __future__ import annotations
 
 from hypothesis import given, settings
-from lstm_cases import cases, forward_backward, make_arrays, zero_states
-from test_gradients import assert_matches_finite_differences, gradients_only
+from lstm_cases import cases
+from test_gradients import check_functional_gradients
 
 import numlstm
 
@@ -36,23 +36,9 @@ def test_cuda_ltm_stm_gradients_match_finite_differences(case):
 
 
 def check_cuda_gradients(case):
+    """``tests/test_gradients.py``'s check, with the cuda backend as the process default."""
     numlstm.set_backend("cuda")
     try:
-        arrays = make_arrays(case)
-        analytic = gradients_only(forward_backward(case, arrays))
-        h0, c0 = arrays.hx if case.with_hx else zero_states(case)
-
-        def run():
-            return numlstm.forward(
-                arrays.x,
-                arrays.params,
-                (h0, c0),
-                case.lengths,
-                batch_first=case.batch_first,
-                dropout_masks=arrays.masks,
-            )
-
-        inputs = {"x": arrays.x, "h0": h0, "c0": c0, **arrays.params}
-        assert_matches_finite_differences(analytic, inputs, run, arrays)
+        check_functional_gradients(case)
     finally:
         numlstm.set_backend(None)
