@@ -76,7 +76,9 @@ def _activations(constants):
     taylor = tuple(real(1.0 / math.factorial(k)) for k in range(constants["degree"], 0, -1))
     zero, half, one, two = real(0.0), real(0.5), real(1.0), real(2.0)
     # Small enough for LLVM to inline (Numba's own IR inliner mishandles their branches).
-    jit = njit(nogil=True, error_model="numpy")
+    # "contract" lets LLVM fuse each multiply-add of Horner's scheme and of the reduction
+    # into one FMA (one rounding instead of two): 2x fewer instructions in the polynomial.
+    jit = njit(nogil=True, error_model="numpy", fastmath={"contract"})
 
     @jit
     def reduce(x):

@@ -33,6 +33,7 @@ from ..gates import (
     use_gate_ltm_stm,
 )
 from . import _layout
+from ._packed import empty_packed, pack, packed_matmul, wide_vectors
 
 name = "cpu"
 
@@ -126,7 +127,7 @@ def _split_gates(stacked, hidden):
     )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_forward_row(a, recurrent, bias, c_prev, c, r):
     """:func:`~numlstm.gates.cell_forward` over the ``H`` hidden units of one sequence.
 
@@ -135,6 +136,7 @@ def cell_forward_row(a, recurrent, bias, c_prev, c, r):
     is its own view so that LLVM can prove the loop free of overlap at run time and
     vectorise it (one 2-D array indexed at ``k H + j`` defeats that check).
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     a_i, a_f, a_g, a_o = _split_gates(a, hidden)
     w_i, w_f, w_g, w_o = _split_gates(recurrent, hidden)
@@ -149,13 +151,14 @@ def cell_forward_row(a, recurrent, bias, c_prev, c, r):
         )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
     """:func:`~numlstm.gates.cell_backward` over the ``H`` hidden units of one sequence.
 
     ``d_c`` enters holding ``δc`` carried from step ``t + 1`` and leaves holding the one
     carried to ``t - 1``; ``d_a`` receives ``δa_t`` for the four gates.
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     i, f, g, o = _split_gates(gates, hidden)
     d_a_i, d_a_f, d_a_g, d_a_o = _split_gates(d_a, hidden)
@@ -165,12 +168,13 @@ def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
         )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_forward_row_peephole(a, recurrent, bias, peephole, c_prev, c, r):
     """:func:`~numlstm.gates.cell_forward_peephole` over the ``H`` units of one sequence.
 
     As :func:`cell_forward_row`; ``peephole`` is ``(3, H)``, rows i, f, o.
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     a_i, a_f, a_g, a_o = _split_gates(a, hidden)
     w_i, w_f, w_g, w_o = _split_gates(recurrent, hidden)
@@ -189,13 +193,14 @@ def cell_forward_row_peephole(a, recurrent, bias, peephole, c_prev, c, r):
         )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_forward_row_ltm_stm(a, recurrent, bias, c_prev, c, m):
     """:func:`~numlstm.gates.cell_forward_ltm_stm` over the ``H`` units of one sequence.
 
     As :func:`cell_forward_row`, but ``m`` receives the kept memory ``f_t ⊙ c_{t-1}``, the
     use layer's input; :func:`use_gate_row_ltm_stm` computes ``h_t`` after the product.
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     a_i, a_f, a_g, a_v = _split_gates(a, hidden)
     w_i, w_f, w_g, w_v = _split_gates(recurrent, hidden)
@@ -210,23 +215,25 @@ def cell_forward_row_ltm_stm(a, recurrent, bias, c_prev, c, m):
         )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def use_gate_row_ltm_stm(u, b_u, v, h):
     """:func:`~numlstm.gates.use_gate_ltm_stm` over the ``H`` units of one sequence.
 
     ``u`` enters holding ``W_u m_t`` and leaves holding ``U_t``; ``v`` is the V gate's
     activation and ``h`` receives ``h_t``.
     """
+    wide_vectors()
     for j in range(u.shape[0]):
         u[j], h[j] = use_gate_ltm_stm(u[j] + b_u[j], v[j])
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_backward_row_peephole(gates, c_prev, c, peephole, d_r, d_c, d_a):
     """:func:`~numlstm.gates.cell_backward_peephole` over the ``H`` units of one sequence.
 
     As :func:`cell_backward_row`; ``peephole`` is ``(3, H)``, rows i, f, o.
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     i, f, g, o = _split_gates(gates, hidden)
     d_a_i, d_a_f, d_a_g, d_a_o = _split_gates(d_a, hidden)
@@ -237,23 +244,25 @@ def cell_backward_row_peephole(gates, c_prev, c, peephole, d_r, d_c, d_a):
         )
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def use_gate_backward_row_ltm_stm(u, v, d_h, d_u, d_a_v):
     """:func:`~numlstm.gates.use_gate_backward_ltm_stm` over the ``H`` units of one sequence.
 
     ``d_u`` receives ``δa^u_t`` and ``d_a_v`` the V gate's ``δa^o_t``.
     """
+    wide_vectors()
     for j in range(u.shape[0]):
         d_u[j], d_a_v[j] = use_gate_backward_ltm_stm(u[j], v[j], d_h[j])
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def cell_backward_row_ltm_stm(gates, c_prev, d_m, d_c, d_a):
     """:func:`~numlstm.gates.cell_backward_ltm_stm` over the ``H`` units of one sequence.
 
     ``d_m`` is ``W_u^T δa^u_t``; ``d_c`` is carried as in :func:`cell_backward_row`;
     ``d_a`` receives the i, f and g blocks of ``δa_t`` (the o block is the use gate's).
     """
+    wide_vectors()
     hidden = c_prev.shape[0]
     i, f, g, _ = _split_gates(gates, hidden)
     d_a_i, d_a_f, d_a_g, _ = _split_gates(d_a, hidden)
@@ -273,57 +282,6 @@ def _blocks(size, threads):
 def _block(k, blocks, size):
     """Bounds ``[lo, hi)`` of the ``k``-th of ``blocks`` near-equal parts of ``range(size)``."""
     return k * size // blocks, (k + 1) * size // blocks
-
-
-#: The per-step product of a few sequences with large recurrent weights runs as dot
-#: products over the rows of the weights instead of a BLAS GEMM: OpenBLAS repacks the
-#: whole weight matrix at every call, which dominated at (B, H) = (8, 512) (measured 2-3x
-#: slower than the dot products for up to 8 rows and 1 M weights).
-DOT_PRODUCT_MAX_ROWS = 8
-DOT_PRODUCT_MIN_WEIGHTS = 1 << 18
-
-
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
-def _rows_times_transposed(rows, w, out):
-    """``out = rows @ w.T`` as dot products, four rows sharing each load of ``w[j]``.
-
-    ``rows`` is ``(n, K)`` and ``w`` ``(J, K)``, both C-contiguous. The sums are
-    reassociated (that is what lets LLVM vectorise them), so they differ from the BLAS
-    product by rounding only.
-    """
-    n, width = rows.shape
-    full = n - n % 4
-    for b in range(0, full, 4):
-        h0, h1, h2, h3 = rows[b], rows[b + 1], rows[b + 2], rows[b + 3]
-        for j in range(w.shape[0]):
-            w_j = w[j]
-            a0, a1, a2, a3 = w_j[0] * h0[0], w_j[0] * h1[0], w_j[0] * h2[0], w_j[0] * h3[0]
-            for k in range(1, width):
-                a0 += w_j[k] * h0[k]
-                a1 += w_j[k] * h1[k]
-                a2 += w_j[k] * h2[k]
-                a3 += w_j[k] * h3[k]
-            out[b, j], out[b + 1, j], out[b + 2, j], out[b + 3, j] = a0, a1, a2, a3
-    for b in range(full, n):
-        h0 = rows[b]
-        for j in range(w.shape[0]):
-            w_j = w[j]
-            a0 = w_j[0] * h0[0]
-            for k in range(1, width):
-                a0 += w_j[k] * h0[k]
-            out[b, j] = a0
-
-
-@njit(cache=True, nogil=True)
-def _recurrent_product(rows, w_t, w, out):
-    """``out = rows @ w_t`` for one step, where ``w`` is ``w_t`` transposed (contiguous).
-
-    BLAS, except for a few rows against large weights (see ``DOT_PRODUCT_MAX_ROWS``).
-    """
-    if rows.shape[0] <= DOT_PRODUCT_MAX_ROWS and w.size >= DOT_PRODUCT_MIN_WEIGHTS:
-        _rows_times_transposed(rows, w, out)
-    else:
-        np.dot(rows, w_t, out)
 
 
 @implements(
@@ -348,9 +306,8 @@ def _recurrent_product(rows, w_t, w, out):
 @njit(cache=True, nogil=True, parallel=True)
 def forward_kernel(
     x,
-    w_ih,
-    w_hh,
-    w_hh_t,
+    w_ih_packed,
+    w_hh_packed,
     bias,
     w_hr_t,
     peephole,
@@ -380,11 +337,10 @@ def forward_kernel(
     ----------
     x : (T, B, I) array
         The layer's input.
-    w_ih : (4H, I) array
-        Input weights, gates stacked i, f, g, o.
-    w_hh, w_hh_t : (4H, P), (P, 4H) arrays
-        Recurrent weights, and the same transposed: BLAS's per-step product is fastest
-        with ``W_hh^T``, the dot products of :func:`_rows_times_transposed` with ``W_hh``.
+    w_ih_packed, w_hh_packed : arrays
+        The input and recurrent weights (gates stacked i, f, g, o), transposed (``I x 4H``
+        and ``P x 4H``) and packed by :func:`._packed.pack` for the products of
+        :func:`._packed.packed_matmul`: ``W_hh`` is packed once for the whole time loop.
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias).
     w_hr_t : (H, P) array
@@ -424,7 +380,7 @@ def forward_kernel(
     projecting = w_hr_t.shape[0] > 0
     peepholes = peephole.shape[0] > 0
     use_layer = w_u_t.shape[0] > 0
-    recurrent = np.empty((batch, w_hh_t.shape[1]), x.dtype)
+    recurrent = np.empty((batch, 4 * hidden), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
         if reverse:
             t_lo = max(steps_total - (n + 1) * chunk, 0)
@@ -436,10 +392,12 @@ def forward_kernel(
         blocks = _blocks(steps, threads)
         for k in prange(blocks):
             s_lo, s_hi = _block(k, blocks, steps)
-            np.dot(
+            packed_matmul(
                 x[t_lo + s_lo : t_lo + s_hi].reshape(-1, n_inputs),
-                w_ih.T,
-                gates[s_lo:s_hi].reshape(-1, w_hh_t.shape[1]),
+                w_ih_packed,
+                gates[s_lo:s_hi].reshape(-1, 4 * hidden),
+                4 * hidden,
+                False,
             )
         blocks = _blocks(batch, threads)
         for k in prange(blocks):
@@ -451,7 +409,7 @@ def forward_kernel(
                 a = gates[t - t_lo]
                 r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
                 m = m_seq[t % m_seq.shape[0]] if use_layer else r
-                _recurrent_product(h_seq[prev, lo:hi], w_hh_t, w_hh, recurrent[lo:hi])
+                packed_matmul(h_seq[prev, lo:hi], w_hh_packed, recurrent[lo:hi], 4 * hidden, False)
                 for b in range(lo, hi):
                     if t >= lengths[b]:
                         c_seq[cur, b] = c_seq[prev, b]
@@ -490,11 +448,11 @@ def forward_kernel(
 
 @njit(cache=True, nogil=True, parallel=True)
 def _gradient_gemms(
-    d_a, inputs, h_prev, d_hs, r_seq, w_ih, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
+    d_a, inputs, h_prev, d_hs, r_seq, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
 ):
     """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
 
-    ``d_x`` splits by rows. The weight gradients reduce over rows: each thread sums its
+    ``d_x`` splits by rows (``w_ih_packed`` is ``W_ih`` packed by :func:`._packed.pack`). The weight gradients reduce over rows: each thread sums its
     block of rows into its own partial result, and the partials are added at the end.
     """
     rows = d_a.shape[0]
@@ -506,7 +464,7 @@ def _gradient_gemms(
     part_w_hr = np.empty((blocks if projecting else 0, *d_w_hr.shape), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
-        np.dot(d_a[lo:hi], w_ih, d_x[lo:hi])
+        packed_matmul(d_a[lo:hi], w_ih_packed, d_x[lo:hi], d_x.shape[1], False)
         np.dot(d_a[lo:hi].T, inputs[lo:hi], part_w_ih[k])
         np.dot(d_a[lo:hi].T, h_prev[lo:hi], part_w_hh[k])
         for row in range(lo, hi):
@@ -545,9 +503,8 @@ def _gradient_gemms(
 @njit(cache=True, nogil=True, parallel=True)
 def backward_kernel(
     x,
-    w_ih,
-    w_hh,
-    w_hh_t,
+    w_ih_packed,
+    w_hh_packed,
     w_hr,
     peephole,
     w_u,
@@ -577,13 +534,16 @@ def backward_kernel(
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
 
-    Shapes and the first fifteen arguments are those of :func:`forward_kernel` (with the
-    other weights untransposed), as saved by a forward pass with ``C == T``, ``S == T + 1`` and
-    ``R == T`` (with projection or the LTM/STM cell). The time loop runs on blocks of
-    sequences in parallel, like the forward one.
+    Shapes and the other arguments up to ``u_seq`` are those of :func:`forward_kernel`
+    (with the weights untransposed), as saved by a forward pass with ``C == T``,
+    ``S == T + 1`` and ``R == T`` (with projection or the LTM/STM cell). The time loop runs
+    on blocks of sequences in parallel, like the forward one.
 
     Parameters
     ----------
+    w_ih_packed, w_hh_packed : arrays
+        ``W_ih`` and ``W_hh`` (``4H x I`` and ``4H x P``) packed by :func:`._packed.pack`,
+        for the products ``δa_t W_hh`` at every step and ``δa W_ih`` after the loop.
     d_y : (T, B, P) array
         Gradient at the output; ignored at padded steps.
     d_h : (B, P) array, in/out
@@ -668,7 +628,7 @@ def backward_kernel(
                     cell_backward_row(
                         gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
                     )
-            _recurrent_product(d_gates[t, lo:hi], w_hh, w_hh_t, d_h_recurrent[lo:hi])
+            packed_matmul(d_gates[t, lo:hi], w_hh_packed, d_h_recurrent[lo:hi], n_out, False)
             for b in range(lo, hi):
                 if t < lengths[b]:
                     d_h[b] = d_h_recurrent[b]
@@ -680,7 +640,7 @@ def backward_kernel(
         h_prev.reshape(-1, n_out),
         d_hs.reshape(-1, n_out),
         r_seq.reshape(-1, hidden),
-        w_ih,
+        w_ih_packed,
         d_x.reshape(-1, n_inputs),
         d_w_ih,
         d_w_hh,
@@ -706,6 +666,7 @@ def backward_kernel(
 @njit(cache=True, nogil=True, error_model="numpy")
 def _peephole_sums(d_a, c_prev, c, d_peephole):
     """Add ``δa^i c_{t-1}``, ``δa^f c_{t-1}`` and ``δa^o c_t`` over rows into ``d_peephole``."""
+    wide_vectors()
     hidden = c.shape[1]
     p_i, p_f, p_o = d_peephole[0], d_peephole[1], d_peephole[2]
     for row in range(c.shape[0]):
@@ -832,15 +793,17 @@ def layer_forward(
     )
     c_seq[first] = c0
     h_seq[first] = h0
-    w_hh_t = np.ascontiguousarray(w_hh.T)
+    w_ih_packed = empty_packed(*w_ih.T.shape, dtype)
+    pack(w_ih.T, w_ih_packed)
+    w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
+    pack(w_hh.T, w_hh_packed)
     w_hr_t = np.ascontiguousarray(w_hr.T)
     w_u_t = np.ascontiguousarray(w_u.T)
     with single_threaded_blas():
         forward_kernel(
             x,
-            w_ih,
-            w_hh,
-            w_hh_t,
+            w_ih_packed,
+            w_hh_packed,
             bias,
             w_hr_t,
             peephole,
@@ -913,12 +876,15 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_peephole = np.empty(tape.peephole.shape, dtype)
     d_w_u = np.empty(tape.w_u.shape, dtype)
     d_b_u = np.empty(tape.w_u.shape[0], dtype)
+    w_ih_packed = empty_packed(*w_ih.shape, dtype)
+    pack(w_ih, w_ih_packed)
+    w_hh_packed = empty_packed(*w_hh.shape, dtype)
+    pack(w_hh, w_hh_packed)
     with single_threaded_blas():
         backward_kernel(
             x,
-            w_ih,
-            w_hh,
-            np.ascontiguousarray(w_hh.T),
+            w_ih_packed,
+            w_hh_packed,
             w_hr,
             tape.peephole,
             tape.w_u,

@@ -1,0 +1,230 @@
+"""Tests for the packed-weight GEMM (numlstm.backends._packed)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from numlstm.backends._packed import (
+    empty_packed,
+    pack,
+    packed_matmul,
+    packed_shape,
+    panel_width,
+)
+
+DTYPES = [np.float32, np.float64]
+SENTINEL = -7.25  # written into every element that packed_matmul must not touch
+
+
+def forward_error_bound(rows, w):
+    """Bound on ``|fl(rows @ w) - rows @ w|`` for one float product, per element.
+
+    Each element is a dot product of length K; whatever the order of the sums and with or
+    without fused multiply-adds, its rounding error is at most ``gamma_K |rows| @ |w|``
+    with ``gamma_K = K u / (1 - K u)``, ``u = eps / 2`` (Higham, *Accuracy and Stability
+    of Numerical Algorithms*, 2nd ed., eq. 3.5). We allow ``(K + 2) eps``, which covers
+    that bound for the kernel plus a second one for a reference computed in the same dtype.
+    """
+    k = rows.shape[1]
+    eps = np.finfo(rows.dtype).eps
+    scale = np.abs(rows).astype(np.float64) @ np.abs(w).astype(np.float64)
+    return (k + 2) * eps * scale + np.finfo(rows.dtype).tiny
+
+
+def run_case(dtype, m, k, n, *, row_step=1, offset=0, accumulate=False, seed=0):
+    """Pack a random W, run packed_matmul on strided views, return (out, expected, bound)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    packed = empty_packed(k, n, dtype)
+    packed.fill(np.nan)  # pack must overwrite every element, padding included
+    pack(w, packed)
+    # rows: a strided row slice of a larger C-contiguous array (row stride > K).
+    big_rows = rng.standard_normal((row_step * m + 3, k + offset + 2)).astype(dtype)
+    rows = big_rows[1 : 1 + row_step * m : row_step, offset : offset + k]
+    # out: a window of a larger array; everything outside out[:, :n] is a sentinel.
+    big_out = np.full((m + 2, offset + n + 5), SENTINEL, dtype)
+    out = big_out[1 : 1 + m, offset:]
+    start = rng.standard_normal((m, n)).astype(dtype)
+    out[:, :n] = start
+    before = big_out.copy()
+    packed_matmul(rows, packed, out, n, accumulate)
+
+    touched = np.zeros(big_out.shape, dtype=bool)
+    touched[1 : 1 + m, offset : offset + n] = True
+    np.testing.assert_array_equal(big_out[~touched], before[~touched])
+
+    expected = rows.astype(np.float64) @ w.astype(np.float64)
+    bound = forward_error_bound(rows, w)
+    if accumulate:
+        expected += start
+        bound += np.finfo(dtype).eps * (np.abs(expected) + np.abs(start))
+    return out[:, :n], expected, bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_panel_width_and_shape(dtype):
+    nr = panel_width(dtype)
+    assert nr * np.dtype(dtype).itemsize == 128  # two 64-byte vectors
+    assert packed_shape(5, 1, dtype) == (1, 5, nr)
+    assert packed_shape(5, nr, dtype) == (1, 5, nr)
+    assert packed_shape(5, nr + 1, dtype) == (2, 5, nr)
+    packed = empty_packed(7, 3 * nr - 2, dtype)
+    assert packed.shape == (3, 7, nr) and packed.dtype == dtype
+    assert packed.flags.c_contiguous and packed.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_layout_and_zero_padding(dtype):
+    k, n = 5, 2 * panel_width(dtype) + 3
+    nr = panel_width(dtype)
+    w = np.arange(k * n, dtype=dtype).reshape(k, n) + 1
+    packed = np.full(packed_shape(k, n, dtype), np.nan, dtype)
+    pack(w, packed)
+    for p in range(packed.shape[0]):
+        width = min(nr, n - p * nr)
+        np.testing.assert_array_equal(packed[p, :, :width], w[:, p * nr : p * nr + width])
+        np.testing.assert_array_equal(packed[p, :, width:], 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 31, 32, 33])
+@pytest.mark.parametrize("n", [1, 5, 16, 31, 32, 33, 64, 100, 128, 129, 256, 300])
+def test_exact_on_small_integers(dtype, m, n):
+    """Small integers make every product and partial sum exact: the result must be exact.
+
+    This pins down every output element of every kernel shape and ragged edge, so any
+    wrong index, lane, mask or accumulator in the micro-kernel fails here.
+    """
+    k = 37
+    rng = np.random.default_rng(m * 1000 + n)
+    w = rng.integers(-8, 9, size=(k, n)).astype(dtype)
+    rows = rng.integers(-8, 9, size=(m, k)).astype(dtype)
+    packed = empty_packed(k, n, dtype)
+    pack(w, packed)
+    out = np.full((m, n + 3), SENTINEL, dtype)
+    packed_matmul(rows, packed, out, n, False)
+    np.testing.assert_array_equal(out[:, :n], rows @ w)
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
+    packed_matmul(rows, packed, out, n, True)
+    np.testing.assert_array_equal(out[:, :n], 2 * (rows @ w))
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    m=st.integers(1, 40),
+    k=st.integers(1, 300),
+    n=st.integers(1, 600),
+    row_step=st.integers(1, 3),
+    offset=st.integers(0, 3),
+    accumulate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_numpy(dtype, m, k, n, row_step, offset, accumulate, seed):
+    out, expected, bound = run_case(
+        dtype, m, k, n, row_step=row_step, offset=offset, accumulate=accumulate, seed=seed
+    )
+    assert np.all(np.abs(out - expected) <= bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lstm_shapes_close_to_numpy(dtype):
+    """The shapes of the time loop (N = 4K) agree with NumPy to the usual tolerances.
+
+    float32: rtol 1e-5 of the largest element is above the forward error bound of a
+    K <= 512 dot product of O(1) values with random signs (about sqrt(K) * eps * |a||b|);
+    float64: 1e-12.
+    """
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for m, k in [(1, 64), (4, 128), (8, 256), (13, 512)]:
+        out, expected, _ = run_case(dtype, m, k, 4 * k, seed=k)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
+def test_k_zero_writes_zeros_or_keeps():
+    rows = np.empty((3, 0), np.float64)
+    packed = empty_packed(0, 20, np.float64)
+    pack(np.empty((0, 20)), packed)
+    out = np.full((3, 21), 2.0)
+    packed_matmul(rows, packed, out, 20, True)
+    np.testing.assert_array_equal(out, 2.0)
+    packed_matmul(rows, packed, out, 20, False)
+    np.testing.assert_array_equal(out[:, :20], 0.0)
+    assert out[0, 20] == 2.0
+
+
+def test_shape_errors():
+    w = np.ones((4, 40), np.float32)
+    packed = empty_packed(4, 40, np.float32)
+    pack(w, packed)
+    with pytest.raises(ValueError):
+        pack(np.ones((5, 40), np.float32), packed)
+    with pytest.raises(ValueError):
+        packed_matmul(np.ones((2, 5), np.float32), packed, np.zeros((2, 40), np.float32), 40, False)
+    with pytest.raises(ValueError):
+        packed_matmul(np.ones((2, 4), np.float32), packed, np.zeros((2, 39), np.float32), 40, False)
+    with pytest.raises(ValueError):
+        packed_matmul(np.ones((2, 4), np.float32), packed, np.zeros((2, 80), np.float32), 80, False)
+    with pytest.raises(ValueError):  # rows without unit stride along K
+        rows = np.ones((2, 8), np.float32)[:, ::2]
+        packed_matmul(rows, packed, np.zeros((2, 40), np.float32), 40, False)
+
+
+def test_ir_keeps_512_bit_vectors():
+    """The kernel is written with 64-byte vectors; on an AVX-512 host they stay in zmm."""
+    kernel = numba.njit(packed_matmul.py_func)  # uncached copy, so inspection works
+    k, n = 16, 70
+    packed = empty_packed(k, n, np.float32)
+    pack(np.ones((k, n), np.float32), packed)
+    kernel(np.ones((9, k), np.float32), packed, np.zeros((9, n), np.float32), n, False)
+    llvm_ir = next(iter(kernel.inspect_llvm().values()))
+    assert "llvm.fmuladd.v16f32" in llvm_ir
+    assert "llvm.masked.store.v16f32" in llvm_ir
+    assert '"prefer-vector-width"="512"' in llvm_ir
+    if llvm.get_host_cpu_features().get("avx512f", False):
+        asm = next(iter(kernel.inspect_asm().values()))
+        assert "vfmadd231ps\t%zmm" in asm or "vfmadd231ps %zmm" in asm
+
+
+def test_cache_reload_in_new_process(tmp_path):
+    """Compiled code is cached on disk and a second process loads it and agrees."""
+    script = textwrap.dedent(
+        """
+        import json
+        import numpy as np
+        from numlstm.backends._packed import empty_packed, pack, packed_matmul
+        rng = np.random.default_rng(1)
+        w = rng.standard_normal((70, 90)).astype(np.float32)
+        rows = rng.standard_normal((11, 70)).astype(np.float32)
+        packed = empty_packed(70, 90, np.float32)
+        pack(w, packed)
+        out = np.zeros((11, 90), np.float32)
+        packed_matmul(rows, packed, out, 90, False)
+        stats = packed_matmul.stats
+        print(json.dumps({"hits": sum(stats.cache_hits.values()),
+                          "misses": sum(stats.cache_misses.values()),
+                          "out": out.tobytes().hex()}))
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
+    assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
+    assert runs[0]["out"] == runs[1]["out"]
