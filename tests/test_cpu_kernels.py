@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_close
 
 import numlstm
+from numlstm.backends import cpu
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -45,3 +46,57 @@ def test_a_model_matches_torch_at_every_block_shape(hidden, batch, dtype):
     assert_close(d_x, x_torch.grad.numpy(), dtype=dtype)
     for name, parameter in theirs.named_parameters():
         assert_close(ours.grads[name], parameter.grad.numpy(), name=name, dtype=dtype)
+
+
+def _run(dtype):
+    """A bidirectional two-layer model over unsorted padded sequences with initial states:
+    output, final states and every gradient."""
+    model = numlstm.LSTM(4, 11, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3, 4)).astype(dtype)
+    h0 = rng.standard_normal((4, 3, 11)).astype(dtype)
+    c0 = rng.standard_normal((4, 3, 11)).astype(dtype)
+    lengths = np.array([6, 2, 5])
+    output, (h_n, c_n) = model(x, (h0, c0), lengths=lengths)
+    d_x, (d_h0, d_c0) = model.backward(rng.standard_normal(output.shape).astype(dtype))
+    return {
+        "output": output,
+        "h_n": h_n,
+        "c_n": c_n,
+        "d_x": d_x,
+        "d_h0": d_h0,
+        "d_c0": d_c0,
+        **model.grads,
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch, blocks, dtype):
+    """Few sequences against large weights split each step by units (``UNIT_SPLIT_*``);
+    forced here onto a small model, with uneven blocks of units, it must give what the
+    split by sequences gives: the same products, only shared out differently."""
+    monkeypatch.setattr(cpu, "UNIT_SPLIT_MAX_ROWS", 0)
+    by_sequences = _run(dtype)
+
+    monkeypatch.setattr(cpu, "UNIT_SPLIT_MAX_ROWS", 1 << 30)
+    monkeypatch.setattr(cpu, "UNIT_SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu, "get_num_threads", lambda: blocks)
+    packed = []
+    for name in ("_unit_blocks_forward", "_unit_blocks_backward"):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(
+            cpu, name, lambda w, k, original=original: packed.append(k) or original(w, k)
+        )
+    by_units = _run(dtype)
+
+    assert packed.count(blocks) == 2 * 2 * 2  # forward and backward, 2 layers, 2 directions
+    for name, expected in by_sequences.items():
+        # float64: the same sums, in the same order, up to the micro-kernel's blocking.
+        assert_close(
+            by_units[name],
+            expected,
+            rtol=1e-12 if dtype == "float64" else None,
+            dtype=dtype,
+            name=name,
+        )

@@ -354,6 +354,7 @@ _kernel_1x1 = _make_kernel(1, 1)
 #: Panels per group of the outer loop of packed_matmul (the widest kernel's panels).
 _GROUP = 4
 
+
 @njit(cache=True, nogil=True)
 def packed_matmul(rows, packed, out, n, accumulate):
     """``out[:, :n] = rows @ W`` (or ``+=`` when ``accumulate``), ``W`` packed by :func:`pack`.

@@ -33,7 +33,7 @@ from ..gates import (
     use_gate_ltm_stm,
 )
 from . import _layout
-from ._packed import empty_packed, pack, packed_matmul, wide_vectors
+from ._packed import empty_packed, pack, packed_matmul, packed_shape, wide_vectors
 
 name = "cpu"
 
@@ -119,29 +119,40 @@ INFERENCE_CHUNK = 64
 @njit(cache=True, nogil=True, inline="always")
 def _split_gates(stacked, hidden):
     """The four gate blocks (i, f, g, o) of a stacked ``(4H,)`` row, as separate views."""
+    return _gate_blocks(stacked, hidden, 0, hidden)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _gate_blocks(stacked, stride, lo, n):
+    """Units ``lo:lo + n`` of the four gate blocks (i, f, g, o) of a row stacked as four
+    blocks of ``stride`` units, as separate views."""
     return (
-        stacked[:hidden],
-        stacked[hidden : 2 * hidden],
-        stacked[2 * hidden : 3 * hidden],
-        stacked[3 * hidden :],
+        stacked[lo : lo + n],
+        stacked[stride + lo : stride + lo + n],
+        stacked[2 * stride + lo : 2 * stride + lo + n],
+        stacked[3 * stride + lo : 3 * stride + lo + n],
     )
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def cell_forward_row(a, recurrent, bias, c_prev, c, r):
-    """:func:`~numlstm.gates.cell_forward` over the ``H`` hidden units of one sequence.
+def cell_forward_row(a, recurrent, bias, c_prev, c, r, lo):
+    """:func:`~numlstm.gates.cell_forward` over the hidden units ``lo:lo + n`` of one
+    sequence (all ``H`` of them, or one thread's share).
 
-    ``a`` enters holding the input term of the four gates and leaves holding their
-    activations; ``c`` and ``r`` receive ``c_t`` and ``o_t * tanh(c_t)``. Each gate block
-    is its own view so that LLVM can prove the loop free of overlap at run time and
-    vectorise it (one 2-D array indexed at ``k H + j`` defeats that check).
+    ``a`` is the sequence's stacked ``(4H,)`` gate row: it enters holding the input term
+    and leaves holding the activations of these units. ``recurrent`` holds their recurrent
+    term, four blocks of ``n``; ``bias`` is ``(4H,)``. ``c_prev``, ``c`` and ``r`` are the
+    ``(n,)`` slices of ``c_{t-1}``, ``c_t`` and ``o_t * tanh(c_t)``. Each gate block is its
+    own view so that LLVM can prove the loop free of overlap at run time and vectorise it
+    (one 2-D array indexed at ``k H + j`` defeats that check).
     """
     wide_vectors()
-    hidden = c_prev.shape[0]
-    a_i, a_f, a_g, a_o = _split_gates(a, hidden)
-    w_i, w_f, w_g, w_o = _split_gates(recurrent, hidden)
-    b_i, b_f, b_g, b_o = _split_gates(bias, hidden)
-    for j in range(hidden):
+    hidden = a.shape[0] // 4
+    n = c_prev.shape[0]
+    a_i, a_f, a_g, a_o = _gate_blocks(a, hidden, lo, n)
+    w_i, w_f, w_g, w_o = _gate_blocks(recurrent, n, 0, n)
+    b_i, b_f, b_g, b_o = _gate_blocks(bias, hidden, lo, n)
+    for j in range(n):
         a_i[j], a_f[j], a_g[j], a_o[j], c[j], r[j] = cell_forward(
             a_i[j] + w_i[j] + b_i[j],
             a_f[j] + w_f[j] + b_f[j],
@@ -152,17 +163,21 @@ def cell_forward_row(a, recurrent, bias, c_prev, c, r):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a):
-    """:func:`~numlstm.gates.cell_backward` over the ``H`` hidden units of one sequence.
+def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a, lo):
+    """:func:`~numlstm.gates.cell_backward` over the hidden units ``lo:lo + n`` of one
+    sequence.
 
-    ``d_c`` enters holding ``δc`` carried from step ``t + 1`` and leaves holding the one
-    carried to ``t - 1``; ``d_a`` receives ``δa_t`` for the four gates.
+    ``gates`` and ``d_a`` are the sequence's stacked ``(4H,)`` rows of activations and of
+    ``δa_t``, which receives these units' gradients. ``c_prev``, ``c``, ``d_r`` and ``d_c``
+    are ``(n,)`` slices; ``d_c`` enters holding ``δc`` carried from step ``t + 1`` and
+    leaves holding the one carried to ``t - 1``.
     """
     wide_vectors()
-    hidden = c_prev.shape[0]
-    i, f, g, o = _split_gates(gates, hidden)
-    d_a_i, d_a_f, d_a_g, d_a_o = _split_gates(d_a, hidden)
-    for j in range(hidden):
+    hidden = gates.shape[0] // 4
+    n = c_prev.shape[0]
+    i, f, g, o = _gate_blocks(gates, hidden, lo, n)
+    d_a_i, d_a_f, d_a_g, d_a_o = _gate_blocks(d_a, hidden, lo, n)
+    for j in range(n):
         d_a_i[j], d_a_f[j], d_a_g[j], d_a_o[j], d_c[j] = cell_backward(
             i[j], f[j], g[j], o[j], c_prev[j], c[j], d_r[j], d_c[j]
         )
@@ -308,6 +323,7 @@ def forward_kernel(
     x,
     w_ih_packed,
     w_hh_packed,
+    w_hh_units,
     bias,
     w_hr_t,
     peephole,
@@ -341,6 +357,11 @@ def forward_kernel(
         The input and recurrent weights (gates stacked i, f, g, o), transposed (``I x 4H``
         and ``P x 4H``) and packed by :func:`._packed.pack` for the products of
         :func:`._packed.packed_matmul`: ``W_hh`` is packed once for the whole time loop.
+    w_hh_units : (U, panels, P, NR) array
+        To split each step by hidden units instead of by sequences (standard cell without
+        projection only), ``W_hh^T`` packed once per block of units: block ``k`` holds the
+        columns of the four gates of units ``_block(k, U, H)``, as
+        :func:`forward_steps_by_units` reads them. ``U == 0`` splits by sequences.
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias).
     w_hr_t : (H, P) array
@@ -399,6 +420,11 @@ def forward_kernel(
                 4 * hidden,
                 False,
             )
+        if w_hh_units.shape[0] > 0:
+            forward_steps_by_units(
+                t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y
+            )
+            continue
         blocks = _blocks(batch, threads)
         for k in prange(blocks):
             lo, hi = _block(k, blocks, batch)
@@ -428,7 +454,7 @@ def forward_kernel(
                         )
                     else:
                         cell_forward_row(
-                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b]
+                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b], 0
                         )
                 if use_layer:
                     u = u_seq[t % u_seq.shape[0]]
@@ -447,13 +473,97 @@ def forward_kernel(
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y):
+    """Steps ``t_lo:t_hi`` of :func:`forward_kernel`, each split over threads by hidden units.
+
+    For a few sequences against large weights: each thread multiplies every sequence by
+    its block of ``W_hh`` (only that block stays in its cache) and updates its units; the
+    threads meet at the end of every step, since the next step needs all of ``h_t``.
+    Standard cell without projection; arguments as :func:`forward_kernel`'s, with ``gates``
+    holding steps ``t_lo:t_hi``.
+    """
+    slots = c_seq.shape[0]
+    batch, hidden = c_seq.shape[1], c_seq.shape[2]
+    blocks = w_hh_units.shape[0]
+    recurrent = np.empty((blocks, batch, 4 * ((hidden + blocks - 1) // blocks)), c_seq.dtype)
+    times = range(t_hi - 1, t_lo - 1, -1) if reverse else range(t_lo, t_hi)
+    for t in times:
+        prev = (t + 1) % slots if reverse else t % slots
+        cur = t % slots if reverse else (t + 1) % slots
+        a = gates[t - t_lo]
+        for k in prange(blocks):
+            lo, hi = _block(k, blocks, hidden)
+            width = 4 * (hi - lo)
+            packed_matmul(h_seq[prev], w_hh_units[k], recurrent[k, :, :width], width, False)
+            for b in range(batch):
+                if t >= lengths[b]:
+                    c_seq[cur, b, lo:hi] = c_seq[prev, b, lo:hi]
+                    h_seq[cur, b, lo:hi] = h_seq[prev, b, lo:hi]
+                    y[t, b, lo:hi] = 0.0
+                    continue
+                cell_forward_row(
+                    a[b],
+                    recurrent[k, b, :width],
+                    bias,
+                    c_seq[prev, b, lo:hi],
+                    c_seq[cur, b, lo:hi],
+                    h_seq[cur, b, lo:hi],
+                    lo,
+                )
+                y[t, b, lo:hi] = h_seq[cur, b, lo:hi]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def backward_steps_by_units(
+    reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h, d_c, d_gates, d_h_recurrent
+):
+    """The time loop of :func:`backward_kernel`, each step split over threads by units.
+
+    The counterpart of :func:`forward_steps_by_units`: each thread computes ``δa_t`` for
+    its units, and then, once every thread has (``δh_{t-1}`` needs all of ``δa_t``), the
+    columns of ``δh_{t-1} = δa_t W_hh`` that belong to its units. Standard cell without
+    projection; arguments as :func:`backward_kernel`'s.
+    """
+    steps_total, batch, hidden = d_gates.shape[0], d_c.shape[0], d_c.shape[1]
+    blocks = w_hh_units.shape[0]
+    times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
+    for t in times:
+        prev = t + 1 if reverse else t
+        cur = t if reverse else t + 1
+        for k in prange(blocks):
+            lo, hi = _block(k, blocks, hidden)
+            for b in range(batch):
+                if t >= lengths[b]:
+                    for g in range(4):
+                        d_gates[t, b, g * hidden + lo : g * hidden + hi] = 0.0
+                    continue
+                d_h[b, lo:hi] += d_y[t, b, lo:hi]
+                cell_backward_row(
+                    gates[t, b],
+                    c_seq[prev, b, lo:hi],
+                    c_seq[cur, b, lo:hi],
+                    d_h[b, lo:hi],
+                    d_c[b, lo:hi],
+                    d_gates[t, b],
+                    lo,
+                )
+        for k in prange(blocks):
+            lo, hi = _block(k, blocks, hidden)
+            packed_matmul(d_gates[t], w_hh_units[k], d_h_recurrent[:, lo:hi], hi - lo, False)
+            for b in range(batch):
+                if t < lengths[b]:
+                    d_h[b, lo:hi] = d_h_recurrent[b, lo:hi]
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def _gradient_gemms(
     d_a, inputs, h_prev, d_hs, r_seq, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
 ):
     """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
 
-    ``d_x`` splits by rows (``w_ih_packed`` is ``W_ih`` packed by :func:`._packed.pack`). The weight gradients reduce over rows: each thread sums its
-    block of rows into its own partial result, and the partials are added at the end.
+    ``d_x`` splits by rows (``w_ih_packed`` is ``W_ih`` packed by :func:`._packed.pack`).
+    The weight gradients reduce over rows: each thread sums its block of rows into its own
+    partial result, and the partials are added at the end.
     """
     rows = d_a.shape[0]
     blocks = _blocks(rows, threads)
@@ -505,6 +615,7 @@ def backward_kernel(
     x,
     w_ih_packed,
     w_hh_packed,
+    w_hh_units,
     w_hr,
     peephole,
     w_u,
@@ -544,6 +655,10 @@ def backward_kernel(
     w_ih_packed, w_hh_packed : arrays
         ``W_ih`` and ``W_hh`` (``4H x I`` and ``4H x P``) packed by :func:`._packed.pack`,
         for the products ``δa_t W_hh`` at every step and ``δa W_ih`` after the loop.
+    w_hh_units : (U, panels, 4H, NR) array
+        To split each step by hidden units (see :func:`backward_steps_by_units`): block
+        ``k`` is ``W_hh[:, lo:hi]`` packed, for the units ``_block(k, U, H)``. ``U == 0``
+        splits by sequences.
     d_y : (T, B, P) array
         Gradient at the output; ignored at padded steps.
     d_h : (B, P) array, in/out
@@ -576,7 +691,12 @@ def backward_kernel(
     d_r = np.empty((batch, hidden), x.dtype) if projecting else d_h
     d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
-    blocks = _blocks(batch, threads)
+    by_units = w_hh_units.shape[0] > 0
+    if by_units:
+        backward_steps_by_units(
+            reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h, d_c, d_gates, d_h_recurrent
+        )
+    blocks = 0 if by_units else _blocks(batch, threads)  # 0: the steps ran above
     for k in prange(blocks):
         lo, hi = _block(k, blocks, batch)
         times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
@@ -626,7 +746,13 @@ def backward_kernel(
                     )
                 else:
                     cell_backward_row(
-                        gates[t, b], c_seq[prev, b], c_seq[cur, b], d_r[b], d_c[b], d_gates[t, b]
+                        gates[t, b],
+                        c_seq[prev, b],
+                        c_seq[cur, b],
+                        d_r[b],
+                        d_c[b],
+                        d_gates[t, b],
+                        0,
                     )
             packed_matmul(d_gates[t, lo:hi], w_hh_packed, d_h_recurrent[lo:hi], n_out, False)
             for b in range(lo, hi):
@@ -740,6 +866,56 @@ class LayerGrads(NamedTuple):
     d_b_u: np.ndarray | None = None
 
 
+#: Split each step by hidden units (:func:`forward_steps_by_units`) when the sequences
+#: leave each thread fewer rows than this and ``W_hh`` is at least ``UNIT_SPLIT_MIN_BYTES``:
+#: then one thread's share of ``W_hh`` stays in its cache, where all of it would not, and
+#: that outweighs a meeting of the threads at every step. Measured at (T, B, I, H) =
+#: (200, 8, 128, 512) float32 on 2 threads: forward 33 -> XX ms.
+UNIT_SPLIT_MAX_ROWS = 8
+UNIT_SPLIT_MIN_BYTES = 1 << 21
+
+
+def _split_by_units(batch, hidden, weight_bytes, threads):
+    """Whether to split each forward step by hidden units rather than by sequences."""
+    return (
+        threads > 1
+        and hidden >= threads
+        and -(-batch // threads) < UNIT_SPLIT_MAX_ROWS
+        and weight_bytes >= UNIT_SPLIT_MIN_BYTES
+    )
+
+
+def _pack_blocks(matrices):
+    """Pack ``(K, N_k)`` matrices by :func:`._packed.pack` into one array, block ``k`` at
+    ``[k]`` (the panels past a narrower block's stay zero)."""
+    k_count, dtype = matrices[0].shape[0], matrices[0].dtype
+    widest = max(m.shape[1] for m in matrices)
+    packed = np.zeros((len(matrices), *packed_shape(k_count, widest, dtype)), dtype)
+    for k, matrix in enumerate(matrices):
+        pack(matrix, packed[k, : packed_shape(*matrix.shape, dtype)[0]])
+    return packed
+
+
+def _unit_blocks_forward(w_hh, blocks):
+    """``W_hh^T`` by blocks of hidden units, for :func:`forward_steps_by_units`: block ``k``
+    holds the columns of the four gates of the units ``_block(k, blocks, H)`` side by side."""
+    hidden = w_hh.shape[0] // 4
+    matrices = []
+    for k in range(blocks):
+        lo, hi = _block(k, blocks, hidden)
+        matrices.append(
+            np.concatenate([w_hh[g * hidden + lo : g * hidden + hi] for g in range(4)]).T
+        )
+    return _pack_blocks(matrices)
+
+
+def _unit_blocks_backward(w_hh, blocks):
+    """``W_hh`` by blocks of hidden units, for :func:`backward_steps_by_units`: block ``k``
+    is ``W_hh[:, lo:hi]`` for the units ``_block(k, blocks, H)``."""
+    hidden = w_hh.shape[0] // 4
+    return _pack_blocks([w_hh[:, slice(*_block(k, blocks, hidden))] for k in range(blocks)])
+
+
 def layer_forward(
     x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
 ):
@@ -797,6 +973,12 @@ def layer_forward(
     pack(w_ih.T, w_ih_packed)
     w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
     pack(w_hh.T, w_hh_packed)
+    threads = get_num_threads()
+    by_units = _split_by_units(len(lengths), hidden, w_hh.size * w_hh.itemsize, threads)
+    if by_units and w_hr.shape[0] == 0 and peephole.shape[0] == 0 and w_u.shape[0] == 0:
+        w_hh_units = _unit_blocks_forward(w_hh, threads)
+    else:
+        w_hh_units = np.empty((0, 1, 1, 1), dtype)
     w_hr_t = np.ascontiguousarray(w_hr.T)
     w_u_t = np.ascontiguousarray(w_u.T)
     with single_threaded_blas():
@@ -804,6 +986,7 @@ def layer_forward(
             x,
             w_ih_packed,
             w_hh_packed,
+            w_hh_units,
             bias,
             w_hr_t,
             peephole,
@@ -818,7 +1001,7 @@ def layer_forward(
             m_seq,
             u_seq,
             y,
-            get_num_threads(),
+            threads,
         )
     tape = None
     if save:
@@ -880,11 +1063,19 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     pack(w_ih, w_ih_packed)
     w_hh_packed = empty_packed(*w_hh.shape, dtype)
     pack(w_hh, w_hh_packed)
+    threads = get_num_threads()
+    hidden = w_hh.shape[0] // 4
+    by_units = _split_by_units(len(tape.lengths), hidden, w_hh.size * w_hh.itemsize, threads)
+    if by_units and not (projecting or peepholes or use_layer):
+        w_hh_units = _unit_blocks_backward(w_hh, threads)
+    else:
+        w_hh_units = np.empty((0, 1, 1, 1), dtype)
     with single_threaded_blas():
         backward_kernel(
             x,
             w_ih_packed,
             w_hh_packed,
+            w_hh_units,
             w_hr,
             tape.peephole,
             tape.w_u,
@@ -910,7 +1101,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
             d_peephole,
             d_w_u,
             d_b_u,
-            get_num_threads(),
+            threads,
         )
     return LayerGrads(
         d_x,
