@@ -109,11 +109,11 @@ def _vector_instructions(assembly):
 
 def _row_arguments(dtype, hidden):
     """Arguments of each row function: ``G`` a (4H,) gate row, ``U`` an (H,) unit row,
-    ``P`` a (3, H) peephole array."""
+    ``P`` a (3, H) peephole array, ``0`` the first unit."""
     g, u, p = np.zeros(4 * hidden, dtype), np.zeros(hidden, dtype), np.zeros((3, hidden), dtype)
     rows = {
-        cpu.cell_forward_row: "GGGUUU",
-        cpu.cell_backward_row: "GUUUUG",
+        cpu.cell_forward_row: "GGGUUU0",
+        cpu.cell_backward_row: "GUUUUG0",
         cpu.cell_forward_row_peephole: "GGGPUUU",
         cpu.cell_backward_row_peephole: "GUUPUUG",
         cpu.cell_forward_row_ltm_stm: "GGGUUU",
@@ -121,8 +121,8 @@ def _row_arguments(dtype, hidden):
         cpu.cell_backward_row_ltm_stm: "GUUUG",
         cpu.use_gate_backward_row_ltm_stm: "UUUUU",
     }
-    arrays = {"G": g, "U": u, "P": p}
-    return {kernel: [arrays[k].copy() for k in kinds] for kernel, kinds in rows.items()}
+    arrays = {"G": g, "U": u, "P": p, "0": np.zeros((), np.int64)}
+    return {kernel: [arrays[k].copy()[()] for k in kinds] for kernel, kinds in rows.items()}
 
 
 ROW_KERNELS = list(_row_arguments(np.float64, 1))
