@@ -299,6 +299,30 @@ def _block(k, blocks, size):
     return k * size // blocks, (k + 1) * size // blocks
 
 
+@njit(cache=True, nogil=True)
+def _chunk_bounds(n, chunk, steps_total, reverse):
+    """Steps ``[t_lo, t_hi)`` of the ``n``-th chunk of ``chunk`` steps, in running order."""
+    if reverse:
+        return max(steps_total - (n + 1) * chunk, 0), steps_total - n * chunk
+    return n * chunk, min(steps_total, (n + 1) * chunk)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads):
+    """``gates[: t_hi - t_lo] = x[t_lo:t_hi] W_ih^T``, split over threads by blocks of steps."""
+    steps, n_inputs, n_gates = t_hi - t_lo, x.shape[2], gates.shape[2]
+    blocks = _blocks(steps, threads)
+    for k in prange(blocks):
+        s_lo, s_hi = _block(k, blocks, steps)
+        packed_matmul(
+            x[t_lo + s_lo : t_lo + s_hi].reshape(-1, n_inputs),
+            w_ih_packed,
+            gates[s_lo:s_hi].reshape(-1, n_gates),
+            n_gates,
+            False,
+        )
+
+
 @implements(
     "input-projection",
     "recurrent-projection",
@@ -323,7 +347,6 @@ def forward_kernel(
     x,
     w_ih_packed,
     w_hh_packed,
-    w_hh_units,
     bias,
     w_hr_t,
     peephole,
@@ -357,11 +380,6 @@ def forward_kernel(
         The input and recurrent weights (gates stacked i, f, g, o), transposed (``I x 4H``
         and ``P x 4H``) and packed by :func:`._packed.pack` for the products of
         :func:`._packed.packed_matmul`: ``W_hh`` is packed once for the whole time loop.
-    w_hh_units : (U, panels, P, NR) array
-        To split each step by hidden units instead of by sequences (standard cell without
-        projection only), ``W_hh^T`` packed once per block of units: block ``k`` holds the
-        columns of the four gates of units ``_block(k, U, H)``, as
-        :func:`forward_steps_by_units` reads them. ``U == 0`` splits by sequences.
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias).
     w_hr_t : (H, P) array
@@ -394,7 +412,7 @@ def forward_kernel(
     threads : int
         Numba threads to split the work over.
     """
-    steps_total, batch, n_inputs = x.shape
+    steps_total, batch = x.shape[0], x.shape[1]
     chunk = gates.shape[0]
     slots = c_seq.shape[0]
     hidden = c_seq.shape[2]
@@ -403,28 +421,8 @@ def forward_kernel(
     use_layer = w_u_t.shape[0] > 0
     recurrent = np.empty((batch, 4 * hidden), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
-        if reverse:
-            t_lo = max(steps_total - (n + 1) * chunk, 0)
-            t_hi = steps_total - n * chunk
-        else:
-            t_lo = n * chunk
-            t_hi = min(steps_total, (n + 1) * chunk)
-        steps = t_hi - t_lo
-        blocks = _blocks(steps, threads)
-        for k in prange(blocks):
-            s_lo, s_hi = _block(k, blocks, steps)
-            packed_matmul(
-                x[t_lo + s_lo : t_lo + s_hi].reshape(-1, n_inputs),
-                w_ih_packed,
-                gates[s_lo:s_hi].reshape(-1, 4 * hidden),
-                4 * hidden,
-                False,
-            )
-        if w_hh_units.shape[0] > 0:
-            forward_steps_by_units(
-                t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y
-            )
-            continue
+        t_lo, t_hi = _chunk_bounds(n, chunk, steps_total, reverse)
+        _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
         blocks = _blocks(batch, threads)
         for k in prange(blocks):
             lo, hi = _block(k, blocks, batch)
@@ -472,6 +470,17 @@ def forward_kernel(
                         y[t, b] = 0.0
 
 
+@implements(
+    "recurrent-projection",
+    "input-gate",
+    "forget-gate",
+    "cell-candidate",
+    "output-gate",
+    "cell-update",
+    "hidden-update",
+    "padding",
+    backend="cpu",
+)
 @njit(cache=True, nogil=True, parallel=True)
 def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y):
     """Steps ``t_lo:t_hi`` of :func:`forward_kernel`, each split over threads by hidden units.
@@ -479,8 +488,17 @@ def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths
     For a few sequences against large weights: each thread multiplies every sequence by
     its block of ``W_hh`` (only that block stays in its cache) and updates its units; the
     threads meet at the end of every step, since the next step needs all of ``h_t``.
-    Standard cell without projection; arguments as :func:`forward_kernel`'s, with ``gates``
-    holding steps ``t_lo:t_hi``.
+    Standard cell without projection; :func:`layer_forward` calls it in place of
+    :func:`forward_kernel`'s time loop (so that it compiles only when used), with
+    ``gates`` holding the input term of steps ``t_lo:t_hi``.
+
+    Parameters
+    ----------
+    w_hh_units : (U, panels, P, NR) array
+        ``W_hh^T`` packed by blocks of units: block ``k`` holds the columns of the four
+        gates of the units ``_block(k, U, H)`` side by side (:func:`_unit_blocks_forward`).
+    t_lo, t_hi, reverse, gates, bias, lengths, c_seq, h_seq, y
+        As :func:`forward_kernel`'s.
     """
     slots = c_seq.shape[0]
     batch, hidden = c_seq.shape[1], c_seq.shape[2]
@@ -513,19 +531,37 @@ def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths
                 y[t, b, lo:hi] = h_seq[cur, b, lo:hi]
 
 
+@implements(
+    "d-hidden",
+    "d-output-gate",
+    "d-cell",
+    "d-input-gate",
+    "d-forget-gate",
+    "d-cell-candidate",
+    "d-initial-state",
+    backend="cpu",
+)
 @njit(cache=True, nogil=True, parallel=True)
-def backward_steps_by_units(
-    reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h, d_c, d_gates, d_h_recurrent
-):
+def backward_steps_by_units(reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h, d_c, d_gates):
     """The time loop of :func:`backward_kernel`, each step split over threads by units.
 
     The counterpart of :func:`forward_steps_by_units`: each thread computes ``δa_t`` for
     its units, and then, once every thread has (``δh_{t-1}`` needs all of ``δa_t``), the
     columns of ``δh_{t-1} = δa_t W_hh`` that belong to its units. Standard cell without
-    projection; arguments as :func:`backward_kernel`'s.
+    projection; :func:`layer_backward` calls it before :func:`backward_kernel`, which then
+    skips its own time loop.
+
+    Parameters
+    ----------
+    w_hh_units : (U, panels, 4H, NR) array
+        ``W_hh`` packed by blocks of units: block ``k`` is ``W_hh[:, lo:hi]`` for the units
+        ``_block(k, U, H)`` (:func:`_unit_blocks_backward`).
+    reverse, gates, c_seq, lengths, d_y, d_h, d_c, d_gates
+        As :func:`backward_kernel`'s.
     """
     steps_total, batch, hidden = d_gates.shape[0], d_c.shape[0], d_c.shape[1]
     blocks = w_hh_units.shape[0]
+    d_h_recurrent = np.empty(d_h.shape, d_h.dtype)
     times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
     for t in times:
         prev = t + 1 if reverse else t
@@ -555,6 +591,22 @@ def backward_steps_by_units(
                     d_h[b, lo:hi] = d_h_recurrent[b, lo:hi]
 
 
+@njit(cache=True, nogil=True)
+def _sum_parts(parts, total):
+    """``total[...] = parts.sum(axis=0)`` for the threads' partial sums, C-contiguous.
+
+    A plain loop: NumPy's reduction over an axis took 1.5 s of the cold compile.
+    """
+    size = total.size
+    flat_parts = parts.reshape(parts.shape[0], size)
+    flat_total = total.reshape(size)
+    for j in range(size):
+        flat_total[j] = flat_parts[0, j]
+    for k in range(1, parts.shape[0]):
+        for j in range(size):
+            flat_total[j] += flat_parts[k, j]
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _gradient_gemms(
     d_a, inputs, h_prev, d_hs, r_seq, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
@@ -581,11 +633,11 @@ def _gradient_gemms(
             part_bias[k] += d_a[row]
         if projecting:
             np.dot(d_hs[lo:hi].T, r_seq[lo:hi], part_w_hr[k])
-    d_w_ih[:] = part_w_ih.sum(axis=0)
-    d_w_hh[:] = part_w_hh.sum(axis=0)
-    d_bias[:] = part_bias.sum(axis=0)
+    _sum_parts(part_w_ih, d_w_ih)
+    _sum_parts(part_w_hh, d_w_hh)
+    _sum_parts(part_bias, d_bias)
     if projecting:
-        d_w_hr[:] = part_w_hr.sum(axis=0)
+        _sum_parts(part_w_hr, d_w_hr)
 
 
 @implements(
@@ -601,13 +653,11 @@ def _gradient_gemms(
     "d-weights",
     "d-projection-weights",
     "d-peephole-cell",
-    "d-peephole-weights",
     "d-use-gate",
     "d-use-layer",
     "d-kept-memory",
     "d-ltm-stm-cell",
     "d-ltm-stm-forget-gate",
-    "d-use-weights",
     backend="cpu",
 )
 @njit(cache=True, nogil=True, parallel=True)
@@ -615,7 +665,6 @@ def backward_kernel(
     x,
     w_ih_packed,
     w_hh_packed,
-    w_hh_units,
     w_hr,
     peephole,
     w_u,
@@ -638,9 +687,7 @@ def backward_kernel(
     d_w_hh,
     d_bias,
     d_w_hr,
-    d_peephole,
-    d_w_u,
-    d_b_u,
+    steps_done,
     threads,
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
@@ -648,17 +695,14 @@ def backward_kernel(
     Shapes and the other arguments up to ``u_seq`` are those of :func:`forward_kernel`
     (with the weights untransposed), as saved by a forward pass with ``C == T``,
     ``S == T + 1`` and ``R == T`` (with projection or the LTM/STM cell). The time loop runs
-    on blocks of sequences in parallel, like the forward one.
+    on blocks of sequences in parallel, like the forward one. The cell variants' own
+    weight gradients are left to :func:`cell_weight_gradients`.
 
     Parameters
     ----------
     w_ih_packed, w_hh_packed : arrays
         ``W_ih`` and ``W_hh`` (``4H x I`` and ``4H x P``) packed by :func:`._packed.pack`,
         for the products ``δa_t W_hh`` at every step and ``δa W_ih`` after the loop.
-    w_hh_units : (U, panels, 4H, NR) array
-        To split each step by hidden units (see :func:`backward_steps_by_units`): block
-        ``k`` is ``W_hh[:, lo:hi]`` packed, for the units ``_block(k, U, H)``. ``U == 0``
-        splits by sequences.
     d_y : (T, B, P) array
         Gradient at the output; ignored at padded steps.
     d_h : (B, P) array, in/out
@@ -677,8 +721,9 @@ def backward_kernel(
     d_w_ih, d_w_hh, d_bias, d_w_hr : arrays, out
         Gradients of the weights (shapes as the weights); ``d_bias`` is the gradient of
         ``b_ih`` and of ``b_hh`` alike. ``d_w_hr`` is ``(0, 0)`` without projection.
-    d_peephole, d_w_u, d_b_u : arrays, out
-        Gradients of the variants' weights, shaped as those; empty for another cell.
+    steps_done : bool
+        The time loop already ran (:func:`backward_steps_by_units`): ``d_gates``, ``d_h``
+        and ``d_c`` hold its results, and only the gradient GEMMs are left.
     threads : int
         Numba threads to split the work over.
     """
@@ -691,12 +736,7 @@ def backward_kernel(
     d_r = np.empty((batch, hidden), x.dtype) if projecting else d_h
     d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
-    by_units = w_hh_units.shape[0] > 0
-    if by_units:
-        backward_steps_by_units(
-            reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h, d_c, d_gates, d_h_recurrent
-        )
-    blocks = 0 if by_units else _blocks(batch, threads)  # 0: the steps ran above
+    blocks = 0 if steps_done else _blocks(batch, threads)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, batch)
         times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
@@ -774,19 +814,6 @@ def backward_kernel(
         d_w_hr,
         threads,
     )
-    c_prev = c_seq[1:] if reverse else c_seq[:steps_total]
-    c_cur = c_seq[:steps_total] if reverse else c_seq[1:]
-    _cell_gradients(
-        d_gates.reshape(-1, 4 * hidden),
-        c_prev.reshape(-1, hidden),
-        c_cur.reshape(-1, hidden),
-        d_u.reshape(-1, hidden),
-        m_seq.reshape(-1, hidden),
-        d_peephole,
-        d_w_u,
-        d_b_u,
-        threads,
-    )
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -804,8 +831,9 @@ def _peephole_sums(d_a, c_prev, c, d_peephole):
             p_o[j] += d_a_o[j] * c_row[j]
 
 
+@implements("d-peephole-weights", "d-use-weights", backend="cpu")
 @njit(cache=True, nogil=True, parallel=True)
-def _cell_gradients(d_a, c_prev, c, d_u, m, d_peephole, d_w_u, d_b_u, threads):
+def cell_weight_gradients(d_a, c_prev, c, d_u, m, d_peephole, d_w_u, d_b_u, threads):
     """The cell variants' weight gradients, sums over all steps split over Numba's threads.
 
     Peephole: ``δp_i = Σ δa^i c_{t-1}``, ``δp_f = Σ δa^f c_{t-1}``, ``δp_o = Σ δa^o c_t``.
@@ -827,9 +855,9 @@ def _cell_gradients(d_a, c_prev, c, d_u, m, d_peephole, d_w_u, d_b_u, threads):
                 part_b_u[k] += d_u[row]
         if peepholes:
             _peephole_sums(d_a[lo:hi], c_prev[lo:hi], c[lo:hi], part_peephole[k])
-    d_peephole[:] = part_peephole.sum(axis=0)
-    d_w_u[:] = part_w_u.sum(axis=0)
-    d_b_u[:] = part_b_u.sum(axis=0)
+    _sum_parts(part_peephole, d_peephole)
+    _sum_parts(part_w_u, d_w_u)
+    _sum_parts(part_b_u, d_b_u)
 
 
 class LayerTape(NamedTuple):
@@ -971,41 +999,44 @@ def layer_forward(
     h_seq[first] = h0
     w_ih_packed = empty_packed(*w_ih.T.shape, dtype)
     pack(w_ih.T, w_ih_packed)
-    w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
-    pack(w_hh.T, w_hh_packed)
     threads = get_num_threads()
-    by_units = _split_by_units(len(lengths), hidden, w_hh.size * w_hh.itemsize, threads)
-    if by_units and w_hr.shape[0] == 0 and peephole.shape[0] == 0 and w_u.shape[0] == 0:
+    standard = w_hr.shape[0] == 0 and peephole.shape[0] == 0 and w_u.shape[0] == 0
+    if standard and _split_by_units(len(lengths), hidden, w_hh.nbytes, threads):
         w_hh_units = _unit_blocks_forward(w_hh, threads)
+        chunk = gates.shape[0]
+        for n in range(-(-len(x) // chunk)):
+            t_lo, t_hi = _chunk_bounds(n, chunk, len(x), reverse)
+            _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
+            forward_steps_by_units(
+                t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y
+            )
     else:
-        w_hh_units = np.empty((0, 1, 1, 1), dtype)
-    w_hr_t = np.ascontiguousarray(w_hr.T)
-    w_u_t = np.ascontiguousarray(w_u.T)
-    # Only the projection's and the use layer's per-step products call BLAS in the forward
-    # pass; limiting its threads costs about 10 us per call, a tenth of a short one.
-    uses_blas = w_hr.shape[0] > 0 or w_u.shape[0] > 0
-    with single_threaded_blas() if uses_blas else nullcontext():
-        forward_kernel(
-            x,
-            w_ih_packed,
-            w_hh_packed,
-            w_hh_units,
-            bias,
-            w_hr_t,
-            peephole,
-            w_u_t,
-            b_u,
-            lengths,
-            reverse,
-            gates,
-            c_seq,
-            h_seq,
-            r_seq,
-            m_seq,
-            u_seq,
-            y,
-            threads,
-        )
+        w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
+        pack(w_hh.T, w_hh_packed)
+        # Only the projection's and the use layer's per-step products call BLAS in the
+        # forward pass; limiting its threads costs about 10 us per call, a tenth of a
+        # short one.
+        with single_threaded_blas() if not standard else nullcontext():
+            forward_kernel(
+                x,
+                w_ih_packed,
+                w_hh_packed,
+                bias,
+                np.ascontiguousarray(w_hr.T),
+                peephole,
+                np.ascontiguousarray(w_u.T),
+                b_u,
+                lengths,
+                reverse,
+                gates,
+                c_seq,
+                h_seq,
+                r_seq,
+                m_seq,
+                u_seq,
+                y,
+                threads,
+            )
     tape = None
     if save:
         tape = LayerTape(
@@ -1068,17 +1099,18 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     pack(w_hh, w_hh_packed)
     threads = get_num_threads()
     hidden = w_hh.shape[0] // 4
-    by_units = _split_by_units(len(tape.lengths), hidden, w_hh.size * w_hh.itemsize, threads)
-    if by_units and not (projecting or peepholes or use_layer):
+    standard = not (projecting or peepholes or use_layer)
+    by_units = standard and _split_by_units(len(tape.lengths), hidden, w_hh.nbytes, threads)
+    if by_units:
         w_hh_units = _unit_blocks_backward(w_hh, threads)
-    else:
-        w_hh_units = np.empty((0, 1, 1, 1), dtype)
+        backward_steps_by_units(
+            tape.reverse, tape.gates, tape.c_seq, w_hh_units, tape.lengths, d_y, d_h, d_c, d_gates
+        )
     with single_threaded_blas():
         backward_kernel(
             x,
             w_ih_packed,
             w_hh_packed,
-            w_hh_units,
             w_hr,
             tape.peephole,
             tape.w_u,
@@ -1101,11 +1133,25 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
             d_w_hh,
             d_bias,
             d_w_hr,
-            d_peephole,
-            d_w_u,
-            d_b_u,
+            by_units,
             threads,
         )
+    if peepholes or use_layer:
+        steps, c_seq = len(x), tape.c_seq
+        c_prev = c_seq[1:] if tape.reverse else c_seq[:steps]
+        c_cur = c_seq[:steps] if tape.reverse else c_seq[1:]
+        with single_threaded_blas():
+            cell_weight_gradients(
+                d_gates.reshape(-1, 4 * hidden),
+                c_prev.reshape(-1, hidden),
+                c_cur.reshape(-1, hidden),
+                d_u.reshape(-1, hidden),
+                tape.m_seq.reshape(-1, hidden),
+                d_peephole,
+                d_w_u,
+                d_b_u,
+                threads,
+            )
     return LayerGrads(
         d_x,
         d_h,
