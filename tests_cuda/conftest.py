@@ -124,13 +124,59 @@ if SIMULATOR:
 #: several units: set for the whole session. A GPU runs the production sizes, with the
 #: blocks of a grid capped at 1, 2 or as many as fit (the ``launch`` fixture), so that
 #: units are shared unevenly among blocks.
+def _lock_the_simulators_shared_arrays():
+    """Make the simulator's ``cuda.shared.array`` safe for threads that ask at once.
+
+    numba-cuda's simulator (``simulator.kernelapi.FakeCUDAShared.array``, 0.30.4) gives a
+    block's threads one array per calling line, made by the first thread that asks, with
+    no lock: two threads that ask at the same moment can each make their own, and their
+    partial sums then never meet (seen: 2 failures in 5 runs of a parity test with 64
+    threads a block; none in 50 runs with this lock). A GPU has no such race. This is the
+    simulator's own code with a lock around it; the calling line is found the same way.
+    """
+    import threading
+    import traceback
+
+    from numba.cuda.simulator import kernelapi
+
+    lock = threading.Lock()
+    array = kernelapi.FakeCUDAShared.array
+
+    def locked_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or an error
+            return array(self, shape, dtype, alignment)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        with lock:
+            if caller not in self._allocations:
+                if isinstance(dtype, kernelapi.types.Type):
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                self._allocations[caller] = np.empty(shape, dtype)
+            return self._allocations[caller]
+
+    kernelapi.FakeCUDAShared.array = locked_array
+
+
 if SIMULATOR:
+    _lock_the_simulators_shared_arrays()
     cuda_backend.THREADS = 4
     cuda_backend.GEMM_TILE = 4
     cuda_backend.cuda_array.THREADS = 8
     BLOCK_CAPS = [None]  # the simulator runs cooperative grids of one block
 else:
     BLOCK_CAPS = [1, 2, None]
+
+
+#: Threads per block of the time-loop kernels in the parity tests: few, so that each
+#: thread computes whole dot products (more (sequence, unit) items than threads), and
+#: many, so that groups of threads share each dot product (fewer items than threads).
+THREAD_COUNTS = [4, 64] if SIMULATOR else [32, 256]
+
+
+@pytest.fixture(params=THREAD_COUNTS, ids=lambda count: f"threads={count}")
+def block_threads(request, monkeypatch):
+    """Threads per block of the CUDA backend's time loops for a test, restored afterwards."""
+    monkeypatch.setattr(cuda_backend, "THREADS", request.param)
+    return request.param
 
 
 @pytest.fixture(params=BLOCK_CAPS, ids=lambda cap: f"max_blocks={cap}")

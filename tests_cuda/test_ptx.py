@@ -32,12 +32,13 @@ FLOATS = [types.float32, types.float64]
 
 
 def defined_kernels():
-    """Every CUDA kernel defined at the top level of the backend's modules."""
+    """Every CUDA kernel defined at the top level of the backend's modules (device
+    functions are compiled into the kernels that call them)."""
     return {
         value
         for module in (cuda_backend, cuda_array)
         for value in vars(module).values()
-        if isinstance(value, CUDADispatcher)
+        if isinstance(value, CUDADispatcher) and not value.targetoptions.get("device")
     }
 
 

@@ -8,7 +8,10 @@ A forward pass of one layer and direction is two launches, whatever the sequence
    a slice of hidden units, with all four gates of those units, so the cell update of a
    unit stays inside the thread that computes its gates; a grid-wide barrier
    (``cuda.cg.this_grid().sync()``) separates the steps (two with projection, or with the
-   LTM/STM cell's use layer, whose products need every unit of the step).
+   LTM/STM cell's use layer, whose products need every unit of the step). With fewer
+   (sequence, unit) items than threads, as with small batches, a group of threads shares
+   each item's dot products with ``W_hh`` and sums them in shared memory, so that every
+   thread has work.
 
 A backward pass is :func:`backward_loop` (one cooperative launch for the time loop, two
 barriers per step, three for the LTM/STM cell) followed by GEMMs over all steps for ``d_x``
@@ -67,6 +70,37 @@ GEMM_TILE = 16
 #: ``INFERENCE_CHUNK * B * 4H`` whatever the sequence length, while keeping the launches
 #: constant for sequences up to this length.
 INFERENCE_CHUNK = 1024
+
+#: Threads per block at most on any CUDA GPU: the size of the persistent kernels' shared
+#: scratch for partial sums, whatever :data:`THREADS` is.
+_MAX_BLOCK_THREADS = 1024
+
+
+@cuda.jit(device=True)
+def _threads_per_item(items, threads):
+    """How many threads share each of ``items`` dot products: the largest power of two
+    with ``items`` groups fitting in ``threads`` threads (1 when they do not), at most a
+    block (a group's threads sum up through the block's shared memory)."""
+    split = 1
+    while 2 * split * items <= threads and 2 * split <= cuda.blockDim.x:
+        split *= 2
+    return split
+
+
+@cuda.jit(device=True)
+def _sum_groups(partial, rows, split):
+    """Add up ``partial[:rows, tid]`` over each group of ``split`` consecutive threads of the
+    block, into the group's first thread. Every thread of the block must call it (it
+    synchronises the block), after writing its own partial sums."""
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()
+    width = split // 2
+    while width > 0:
+        if tid % split < width:
+            for q in range(rows):
+                partial[q, tid] += partial[q, tid + width]
+        cuda.syncthreads()
+        width //= 2
 
 
 @implements(
@@ -155,6 +189,7 @@ def gemm_kernel(a, b, bias, c, trans_a, trans_b):
 )
 @cuda.jit
 def forward_loop(
+    w_hh,
     w_hh_t,
     w_hr_t,
     peephole,
@@ -175,14 +210,17 @@ def forward_loop(
     """Forward time loop of one layer and direction, steps ``t_lo`` to ``t_hi - 1``.
 
     A cooperative launch: block ``k`` of ``n`` owns hidden units ``[k u, (k + 1) u)`` with
-    ``u = ceil(H / n)``, all four gates of each. Shapes as in
+    ``u = ceil(H / n)``, all four gates of each. Its ``B u`` (sequence, unit) items are
+    shared among its threads, in groups of :func:`_threads_per_item` threads per item. Shapes as in
     :func:`numlstm.backends.cpu.forward_kernel` (``C`` steps of gates, ``S`` state slots,
     ``R`` kept projections); every array C-contiguous, none aliasing another.
 
     Parameters
     ----------
-    w_hh_t : (P, 4H) array
-        Transposed recurrent weights, so that neighbouring units read neighbouring words.
+    w_hh, w_hh_t : (4H, P), (P, 4H) arrays
+        The recurrent weights and their transpose: threads that share one unit's dot
+        products read ``W_hh``'s rows, threads of one unit each read ``W_hh^T``'s, so that
+        neighbouring threads read neighbouring words either way.
     w_hr_t : (H, P) array
         Transposed projection weights, or ``(0, 0)`` without projection.
     peephole : (3, H) array
@@ -216,53 +254,83 @@ def forward_loop(
     zero = y.dtype.type(0)
     units = (hidden + cuda.gridDim.x - 1) // cuda.gridDim.x
     j_lo = cuda.blockIdx.x * units
+    tid = cuda.threadIdx.x
+    partial = cuda.shared.array((4, _MAX_BLOCK_THREADS), dtype=y.dtype)
+    items = batch * units
+    split = _threads_per_item(items, cuda.blockDim.x)
     for n in range(t_hi - t_lo):
         t = t_hi - 1 - n if reverse else t_lo + n
         prev = (t + 1) % slots if reverse else t % slots
         cur = t % slots if reverse else (t + 1) % slots
         a = gates[t - t_lo]
-        for item in range(cuda.threadIdx.x, batch * units, cuda.blockDim.x):
+        # Each (sequence, unit) item is a group of `split` threads that share its four dot
+        # products with W_hh, so that a few items still keep the block busy; the group's
+        # first thread updates the unit.
+        for base in range(0, items * split, cuda.blockDim.x):
+            item = (base + tid) // split
             b = item // units
             j = j_lo + item % units
-            if j >= hidden:
-                continue
-            real = t < lengths[b]
-            if real:
-                a_i = a[b, j]
-                a_f = a[b, hidden + j]
-                a_g = a[b, 2 * hidden + j]
-                a_o = a[b, 3 * hidden + j]
+            active = item < items and j < hidden
+            real = active and t < lengths[b]
+            s_i = s_f = s_g = s_o = zero
+            if real and split == 1:  # neighbouring threads read neighbouring units
                 for k in range(n_out):
                     h_k = h_seq[prev, b, k]
-                    a_i += h_k * w_hh_t[k, j]
-                    a_f += h_k * w_hh_t[k, hidden + j]
-                    a_g += h_k * w_hh_t[k, 2 * hidden + j]
-                    a_o += h_k * w_hh_t[k, 3 * hidden + j]
-                c_prev = c_seq[prev, b, j]
-                if peepholes:
-                    i, f, g, o, c, r = cell_forward_peephole(
-                        a_i, a_f, a_g, a_o, c_prev, peephole[0, j], peephole[1, j], peephole[2, j]
-                    )
-                elif use_layer:
-                    # r is the kept memory here: the use layer's input, not h_t.
-                    i, f, g, o, c, r = cell_forward_ltm_stm(a_i, a_f, a_g, a_o, c_prev)
+                    s_i += h_k * w_hh_t[k, j]
+                    s_f += h_k * w_hh_t[k, hidden + j]
+                    s_g += h_k * w_hh_t[k, 2 * hidden + j]
+                    s_o += h_k * w_hh_t[k, 3 * hidden + j]
+            elif real:  # neighbouring threads of a group read neighbouring weights
+                for k in range(tid % split, n_out, split):
+                    h_k = h_seq[prev, b, k]
+                    s_i += h_k * w_hh[j, k]
+                    s_f += h_k * w_hh[hidden + j, k]
+                    s_g += h_k * w_hh[2 * hidden + j, k]
+                    s_o += h_k * w_hh[3 * hidden + j, k]
+            partial[0, tid] = s_i
+            partial[1, tid] = s_f
+            partial[2, tid] = s_g
+            partial[3, tid] = s_o
+            _sum_groups(partial, 4, split)
+            if active and tid % split == 0:
+                if real:
+                    a_i = a[b, j] + partial[0, tid]
+                    a_f = a[b, hidden + j] + partial[1, tid]
+                    a_g = a[b, 2 * hidden + j] + partial[2, tid]
+                    a_o = a[b, 3 * hidden + j] + partial[3, tid]
+                    c_prev = c_seq[prev, b, j]
+                    if peepholes:
+                        i, f, g, o, c, r = cell_forward_peephole(
+                            a_i,
+                            a_f,
+                            a_g,
+                            a_o,
+                            c_prev,
+                            peephole[0, j],
+                            peephole[1, j],
+                            peephole[2, j],
+                        )
+                    elif use_layer:
+                        # r is the kept memory here: the use layer's input, not h_t.
+                        i, f, g, o, c, r = cell_forward_ltm_stm(a_i, a_f, a_g, a_o, c_prev)
+                    else:
+                        i, f, g, o, c, r = cell_forward(a_i, a_f, a_g, a_o, c_prev)
+                    a[b, j] = i
+                    a[b, hidden + j] = f
+                    a[b, 2 * hidden + j] = g
+                    a[b, 3 * hidden + j] = o
+                    c_seq[cur, b, j] = c
                 else:
-                    i, f, g, o, c, r = cell_forward(a_i, a_f, a_g, a_o, c_prev)
-                a[b, j] = i
-                a[b, hidden + j] = f
-                a[b, 2 * hidden + j] = g
-                a[b, 3 * hidden + j] = o
-                c_seq[cur, b, j] = c
-            else:
-                c_seq[cur, b, j] = c_seq[prev, b, j]
-                r = zero  # padded: the projection's weight gradient reads zeros here
-            if projecting:
-                r_seq[t % r_seq.shape[0], b, j] = r
-            elif use_layer:
-                m_seq[t % m_seq.shape[0], b, j] = r
-            else:
-                h_seq[cur, b, j] = r if real else h_seq[prev, b, j]
-                y[t, b, j] = r
+                    c_seq[cur, b, j] = c_seq[prev, b, j]
+                    r = zero  # padded: the projection's weight gradient reads zeros here
+                if projecting:
+                    r_seq[t % r_seq.shape[0], b, j] = r
+                elif use_layer:
+                    m_seq[t % m_seq.shape[0], b, j] = r
+                else:
+                    h_seq[cur, b, j] = r if real else h_seq[prev, b, j]
+                    y[t, b, j] = r
+            cuda.syncthreads()  # the next round overwrites partial
         if use_layer:
             grid.sync()
             m_t = m_seq[t % m_seq.shape[0]]
@@ -320,6 +388,7 @@ def forward_loop(
 @cuda.jit
 def backward_loop(
     w_hh,
+    w_hh_t,
     w_hr,
     peephole,
     w_u,
@@ -345,7 +414,8 @@ def backward_loop(
 
     Parameters
     ----------
-    w_hh : (4H, P) array
+    w_hh, w_hh_t : (4H, P), (P, 4H) arrays
+        The recurrent weights and their transpose (read as in :func:`forward_loop`).
     w_hr : (P, H) array, or ``(0, 0)`` without projection
     peephole : (3, H) array, or ``(0, 0)``
     w_u : (H, H) array, or ``(0, 0)``
@@ -376,6 +446,10 @@ def backward_loop(
     zero = d_y.dtype.type(0)
     units = (hidden + cuda.gridDim.x - 1) // cuda.gridDim.x
     j_lo = cuda.blockIdx.x * units
+    tid = cuda.threadIdx.x
+    partial = cuda.shared.array((1, _MAX_BLOCK_THREADS), dtype=d_y.dtype)
+    products = batch * n_out
+    split = _threads_per_item(products, cuda.gridsize(1))
     first = 0 if reverse else steps_total - 1
     for item in range(cuda.grid(1), batch * n_out, cuda.gridsize(1)):
         b = item // n_out
@@ -450,17 +524,29 @@ def backward_loop(
             d_gates[t, b, 3 * hidden + j] = d_a_o
         grid.sync()
         following = t + 1 if reverse else t - 1
-        for item in range(cuda.grid(1), batch * n_out, cuda.gridsize(1)):
+        # Each (sequence, output) item of δa_t W_hh is a group of `split` threads.
+        for base in range(0, products * split, cuda.gridsize(1)):
+            item = (base + cuda.grid(1)) // split
             b = item // n_out
             k = item % n_out
-            if t < lengths[b]:
-                total = zero
+            active = item < products
+            real = active and t < lengths[b]
+            total = zero
+            if real and split == 1:  # neighbouring threads read neighbouring outputs
                 for gj in range(four_hidden):
                     total += d_gates[t, b, gj] * w_hh[gj, k]
-                d_h[b, k] = total
-            if n + 1 < steps_total:
-                real = following < lengths[b]
-                d_hs[following, b, k] = d_h[b, k] + d_y[following, b, k] if real else zero
+            elif real:  # neighbouring threads of a group read neighbouring weights
+                for gj in range(tid % split, four_hidden, split):
+                    total += d_gates[t, b, gj] * w_hh_t[k, gj]
+            partial[0, tid] = total
+            _sum_groups(partial, 1, split)
+            if active and tid % split == 0:
+                if real:
+                    d_h[b, k] = partial[0, tid]
+                if n + 1 < steps_total:
+                    real = following < lengths[b]
+                    d_hs[following, b, k] = d_h[b, k] + d_y[following, b, k] if real else zero
+            cuda.syncthreads()  # the next round overwrites partial
 
 
 @implements("d-peephole-weights", backend="cuda")
@@ -505,12 +591,12 @@ def _signature_gemm(f):
 def _signature_forward(f):
     c1, c2, c3 = f[::1], f[:, ::1], f[:, :, ::1]
     steps = (types.int64[::1], types.boolean, types.int64, types.int64)
-    return (c2, c2, c2, c2, c1, *steps, c3, c3, c3, c3, c3, c3, c3)
+    return (c2, c2, c2, c2, c2, c1, *steps, c3, c3, c3, c3, c3, c3, c3)
 
 
 def _signature_backward(f):
     c2, c3 = f[:, ::1], f[:, :, ::1]
-    return (c2, c2, c2, c2, types.int64[::1], types.boolean, c3, c3, c3, c3, c2, c2, c3, c3, c3)
+    return (c2, c2, c2, c2, c2, types.int64[::1], types.boolean, c3, c3, c3, c3, c2, c2, c3, c3, c3)
 
 
 #: Every CUDA kernel of the backend, with its argument types for a float type ``f``
@@ -643,7 +729,7 @@ def layer_forward(
             bias,
             trans_b=True,
         )
-        args = (w_hh_t, w_hr_t, peephole, w_u_t, b_u, d_lengths, reverse, t_lo, t_hi)
+        args = (w_hh, w_hh_t, w_hr_t, peephole, w_u_t, b_u, d_lengths, reverse, t_lo, t_hi)
         _launch_persistent(
             forward_loop, hidden, (*args, gates, c_seq, h_seq, r_seq, m_seq, u_seq, y)
         )
@@ -688,7 +774,8 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_gates = cuda_array.empty(tape.gates.shape, dtype)
     d_hs = cuda_array.empty((steps_total, batch, n_out), dtype)
     d_u = cuda_array.empty(tape.u_seq.shape, dtype)
-    args = (w_hh, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tape.gates)
+    w_hh_t = _transpose(w_hh)
+    args = (w_hh, w_hh_t, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tape.gates)
     _launch_persistent(
         backward_loop,
         hidden,
