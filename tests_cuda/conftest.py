@@ -131,7 +131,7 @@ def _lock_the_simulators_shared_arrays():
     block's threads one array per calling line, made by the first thread that asks, with
     no lock: two threads that ask at the same moment can each make their own, and their
     partial sums then never meet (seen: 2 failures in 5 runs of a parity test with 64
-    threads a block; none in 50 runs with this lock). A GPU has no such race. This is the
+    threads a block; none in 12 runs with this lock). A GPU has no such race. This is the
     simulator's own code with a lock around it; the calling line is found the same way.
     """
     import threading
