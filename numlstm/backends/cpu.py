@@ -1097,8 +1097,6 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_b_u = np.empty(tape.w_u.shape[0], dtype)
     w_ih_packed = empty_packed(*w_ih.shape, dtype)
     pack(w_ih, w_ih_packed)
-    w_hh_packed = empty_packed(*w_hh.shape, dtype)
-    pack(w_hh, w_hh_packed)
     threads = get_num_threads()
     hidden = w_hh.shape[0] // 4
     standard = not (projecting or peepholes or use_layer)
@@ -1108,6 +1106,10 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         backward_steps_by_units(
             tape.reverse, tape.gates, tape.c_seq, w_hh_units, tape.lengths, d_y, d_h, d_c, d_gates
         )
+        w_hh_packed = np.empty((0, *packed_shape(*w_hh.shape, dtype)[1:]), dtype)  # unused
+    else:
+        w_hh_packed = empty_packed(*w_hh.shape, dtype)
+        pack(w_hh, w_hh_packed)
     with single_threaded_blas():
         backward_kernel(
             x,
