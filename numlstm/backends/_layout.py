@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from numba import njit
+
 
 class LayerBuffers(NamedTuple):
     """Work and output arrays of one layer and direction (shapes: see :func:`allocate`)."""
@@ -75,3 +77,12 @@ def allocate(xp, x, hidden, n_out, *, save, reverse, projecting, use_layer, chun
         first=first,
         last=last,
     )
+
+
+@njit(cache=True, nogil=True)
+def chunk_bounds(n, chunk, steps_total, reverse):
+    """Steps ``[t_lo, t_hi)`` of the ``n``-th chunk of ``chunk`` steps, in running order
+    (from the end of the sequences for the reverse direction)."""
+    if reverse:
+        return max(steps_total - (n + 1) * chunk, 0), steps_total - n * chunk
+    return n * chunk, min(steps_total, (n + 1) * chunk)

@@ -299,14 +299,6 @@ def _block(k, blocks, size):
     return k * size // blocks, (k + 1) * size // blocks
 
 
-@njit(cache=True, nogil=True)
-def _chunk_bounds(n, chunk, steps_total, reverse):
-    """Steps ``[t_lo, t_hi)`` of the ``n``-th chunk of ``chunk`` steps, in running order."""
-    if reverse:
-        return max(steps_total - (n + 1) * chunk, 0), steps_total - n * chunk
-    return n * chunk, min(steps_total, (n + 1) * chunk)
-
-
 @njit(cache=True, nogil=True, parallel=True)
 def _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads):
     """``gates[: t_hi - t_lo] = x[t_lo:t_hi] W_ih^T``, split over threads by blocks of steps."""
@@ -421,7 +413,7 @@ def forward_kernel(
     use_layer = w_u_t.shape[0] > 0
     recurrent = np.empty((batch, 4 * hidden), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
-        t_lo, t_hi = _chunk_bounds(n, chunk, steps_total, reverse)
+        t_lo, t_hi = _layout.chunk_bounds(n, chunk, steps_total, reverse)
         _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
         blocks = _blocks(batch, threads)
         for k in prange(blocks):
@@ -1007,7 +999,7 @@ def layer_forward(
         w_hh_units = _unit_blocks_forward(w_hh, threads)
         chunk = gates.shape[0]
         for n in range(-(-len(x) // chunk)):
-            t_lo, t_hi = _chunk_bounds(n, chunk, len(x), reverse)
+            t_lo, t_hi = _layout.chunk_bounds(n, chunk, len(x), reverse)
             _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
             forward_steps_by_units(
                 t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y

@@ -717,10 +717,7 @@ def layer_forward(
     w_hr_t = _transpose(w_hr)
     w_u_t = _transpose(w_u)
     for n in range((steps_total + chunk - 1) // chunk):
-        if reverse:
-            t_lo, t_hi = max(steps_total - (n + 1) * chunk, 0), steps_total - n * chunk
-        else:
-            t_lo, t_hi = n * chunk, min(steps_total, (n + 1) * chunk)
+        t_lo, t_hi = _layout.chunk_bounds(n, chunk, steps_total, reverse)
         pre = gates[: t_hi - t_lo]
         gemm(
             x[t_lo:t_hi].reshape(((t_hi - t_lo) * batch, n_inputs)),
