@@ -112,11 +112,11 @@ def _row_arguments(dtype, hidden):
     ``P`` a (3, H) peephole array, ``0`` the first unit."""
     g, u, p = np.zeros(4 * hidden, dtype), np.zeros(hidden, dtype), np.zeros((3, hidden), dtype)
     rows = {
-        cpu.cell_forward_row: "GGGUUU0",
+        cpu.cell_forward_row: "GUUU0",
         cpu.cell_backward_row: "GUUUUG0",
-        cpu.cell_forward_row_peephole: "GGGPUUU",
+        cpu.cell_forward_row_peephole: "GPUUU",
         cpu.cell_backward_row_peephole: "GUUPUUG",
-        cpu.cell_forward_row_ltm_stm: "GGGUUU",
+        cpu.cell_forward_row_ltm_stm: "GUUU",
         cpu.use_gate_row_ltm_stm: "UUUU",
         cpu.cell_backward_row_ltm_stm: "GUUUG",
         cpu.use_gate_backward_row_ltm_stm: "UUUUU",

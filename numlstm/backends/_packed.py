@@ -162,24 +162,34 @@ def pack(w, packed):
 def _make_kernel(mr, panels):
     """Build the micro-kernel for ``mr`` rows and ``panels`` adjacent panels.
 
-    The kernel ``kernel(rows, i0, packed, p0, out, j0, ncols, accumulate)`` computes::
+    The kernel ``kernel(rows, i0, packed, p0, out, j0, ncols, accumulate, bias)``
+    computes::
 
-        out[i0:i0+mr, j0:j0+ncols] (+)= rows[i0:i0+mr, :] @ W[:, j0:j0+ncols]
+        out[i0:i0+mr, j0:j0+ncols] (+)= bias[j0:j0+ncols] + rows[i0:i0+mr, :] @ W[:, j0:j0+ncols]
 
     with ``j0 = p0 * NR`` and ``0 < ncols <= panels * NR``; columns from ``ncols`` on are
-    never written (masked stores). The ``mr * panels * 2`` accumulator vectors are SSA
-    values carried by phi nodes across the ``k`` loop.
+    never written (masked stores). ``bias`` is a 1-D array or None (a compile-time choice);
+    it is where the accumulators start. The ``mr * panels * 2`` accumulator vectors are
+    SSA values carried by phi nodes across the ``k`` loop.
     """
 
     @intrinsic
-    def kernel(typingctx, rows, i0, packed, p0, out, j0, ncols, accumulate):
+    def kernel(typingctx, rows, i0, packed, p0, out, j0, ncols, accumulate, bias):
         sig = types.void(
-            rows, types.intp, packed, types.intp, out, types.intp, types.intp, types.boolean
+            rows,
+            types.intp,
+            packed,
+            types.intp,
+            out,
+            types.intp,
+            types.intp,
+            types.boolean,
+            bias,
         )
 
         def codegen(context, builder, signature, args):
-            rows_ty, _, packed_ty, _, out_ty, _, _, _ = signature.args
-            rows_val, i0, packed_val, p0, out_val, j0, ncols, accumulate = args
+            rows_ty, _, packed_ty, _, out_ty, _, _, _, bias_ty = signature.args
+            rows_val, i0, packed_val, p0, out_val, j0, ncols, accumulate, bias_val = args
             _add_wide_vector_attributes(builder.function)
 
             intp = context.get_value_type(types.intp)
@@ -226,6 +236,52 @@ def _make_kernel(mr, panels):
             zero = ir.Constant(vector, None)
             undef = ir.Constant(vector, ir.Undefined)
             splat_mask = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+            mask_type = ir.VectorType(ir.IntType(1), lanes)
+            lane_index = ir.Constant(ir.VectorType(intp, lanes), list(range(lanes)))
+            masked_load = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
+                f"llvm.masked.load.v{lanes}f{size * 8}.p0",
+            )
+            masked_store = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type]),
+                f"llvm.masked.store.v{lanes}f{size * 8}.p0",
+            )
+            align = ir.Constant(i32, size)
+
+            def lane_mask(c):
+                """Lanes of the block's ``c``-th vector that lie before column ``ncols``."""
+                left = builder.sub(ncols, const(c * lanes))
+                splat = builder.shuffle_vector(
+                    builder.insert_element(
+                        ir.Constant(ir.VectorType(intp, lanes), ir.Undefined),
+                        left,
+                        ir.Constant(i32, 0),
+                    ),
+                    ir.Constant(ir.VectorType(intp, lanes), ir.Undefined),
+                    splat_mask,
+                )
+                return builder.icmp_signed("<", lane_index, splat)
+
+            # Where the accumulators start: 0, or the bias (the same for every row), read
+            # with masked loads so that a ragged block reads nothing past ncols.
+            start = [zero] * columns
+            if isinstance(bias_ty, types.Array):
+                bias_arr = context.make_array(bias_ty)(context, builder, bias_val)
+                bias_ptr = cgutils.pointer_add(builder, bias_arr.data, builder.mul(j0, const(size)))
+                start = [
+                    builder.call(
+                        masked_load,
+                        [
+                            at(bias_ptr, const(c * VECTOR_BYTES), vector.as_pointer()),
+                            align,
+                            lane_mask(c),
+                            zero,
+                        ],
+                    )
+                    for c in range(columns)
+                ]
 
             # The k loop: acc[r][c] += rows[i0 + r, k] * packed[p0 + c // 2, k, vector c % 2].
             entry = builder.basic_block
@@ -238,8 +294,8 @@ def _make_kernel(mr, panels):
             k.add_incoming(const(0), entry)
             acc = [[builder.phi(vector) for _ in range(columns)] for _ in range(mr)]
             for acc_r in acc:
-                for phi in acc_r:
-                    phi.add_incoming(zero, entry)
+                for c, phi in enumerate(acc_r):
+                    phi.add_incoming(start[c], entry)
             panel_offset = builder.mul(k, const(nr * size))
             b = []
             for c in range(columns):
@@ -270,7 +326,7 @@ def _make_kernel(mr, panels):
                 result.append([])
                 for c in range(columns):
                     phi = builder.phi(vector)
-                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(start[c], entry)
                     phi.add_incoming(new_acc[r][c], latch)
                     result[r].append(phi)
 
@@ -286,34 +342,11 @@ def _make_kernel(mr, panels):
                 )
                 for r in range(mr)
             ]
-            mask_type = ir.VectorType(ir.IntType(1), lanes)
-            lane_index = ir.Constant(ir.VectorType(intp, lanes), list(range(lanes)))
-            masked_load = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
-                f"llvm.masked.load.v{lanes}f{size * 8}.p0",
-            )
-            masked_store = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type]),
-                f"llvm.masked.store.v{lanes}f{size * 8}.p0",
-            )
-            align = ir.Constant(i32, size)
 
             def store_block(ragged, add):
                 for c in range(columns):
                     if ragged:
-                        left = builder.sub(ncols, const(c * lanes))
-                        splat = builder.shuffle_vector(
-                            builder.insert_element(
-                                ir.Constant(ir.VectorType(intp, lanes), ir.Undefined),
-                                left,
-                                ir.Constant(i32, 0),
-                            ),
-                            ir.Constant(ir.VectorType(intp, lanes), ir.Undefined),
-                            splat_mask,
-                        )
-                        mask = builder.icmp_signed("<", lane_index, splat)
+                        mask = lane_mask(c)
                     for r in range(mr):
                         ptr = at(out_ptrs[r], const(c * VECTOR_BYTES), vector.as_pointer())
                         value = result[r][c]
@@ -363,8 +396,9 @@ _MANY_ROWS = 64
 
 
 @njit(cache=True, nogil=True)
-def packed_matmul(rows, packed, out, n, accumulate):
-    """``out[:, :n] = rows @ W`` (or ``+=`` when ``accumulate``), ``W`` packed by :func:`pack`.
+def packed_matmul(rows, packed, out, n, accumulate, bias=None):
+    """``out[:, :n] = bias + rows @ W`` (or ``+=`` when ``accumulate``), ``W`` packed by
+    :func:`pack`.
 
     Parameters
     ----------
@@ -378,6 +412,9 @@ def packed_matmul(rows, packed, out, n, accumulate):
         Columns of ``W``.
     accumulate : bool
         Add to ``out`` instead of overwriting it.
+    bias : ndarray, shape (>= n,), optional
+        Added to every row (contiguous); the accumulators start from it, so it costs one
+        load per block and no pass over ``out``.
 
     Notes
     -----
@@ -392,6 +429,8 @@ def packed_matmul(rows, packed, out, n, accumulate):
         raise ValueError("packed_matmul: packed does not hold n columns")
     if (k_count > 1 and rows.strides[1] != itemsize) or (n > 1 and out.strides[1] != itemsize):
         raise ValueError("packed_matmul: rows and out need unit stride along their columns")
+    if bias is not None and (bias.shape[0] < n or (n > 1 and bias.strides[0] != itemsize)):
+        raise ValueError("packed_matmul: bias needs n contiguous values")
     if n <= 0:
         return
     n_panels = (n + nr - 1) // nr
@@ -406,45 +445,67 @@ def packed_matmul(rows, packed, out, n, accumulate):
                 p = p0
                 while p + 2 <= p0 + group:
                     _kernel_6x2(
-                        rows, i, packed, p, out, p * nr, min(2 * nr, n - p * nr), accumulate
+                        rows, i, packed, p, out, p * nr, min(2 * nr, n - p * nr), accumulate, bias
                     )
                     p += 2
                 if p < p0 + group:
-                    _kernel_6x1(rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate)
+                    _kernel_6x1(
+                        rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate, bias
+                    )
                 i += 6
             elif left >= 8:
                 for p in range(p0, p0 + group):
-                    _kernel_8x1(rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate)
+                    _kernel_8x1(
+                        rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate, bias
+                    )
                 i += 8
             elif left >= 4:
                 p = p0
                 while p + 2 <= p0 + group:
                     _kernel_4x2(
-                        rows, i, packed, p, out, p * nr, min(2 * nr, n - p * nr), accumulate
+                        rows, i, packed, p, out, p * nr, min(2 * nr, n - p * nr), accumulate, bias
                     )
                     p += 2
                 if p < p0 + group:
-                    _kernel_4x1(rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate)
+                    _kernel_4x1(
+                        rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate, bias
+                    )
                 i += 4
             elif left >= 2:
                 if group == 4:
                     _kernel_2x4(
-                        rows, i, packed, p0, out, p0 * nr, min(4 * nr, n - p0 * nr), accumulate
+                        rows,
+                        i,
+                        packed,
+                        p0,
+                        out,
+                        p0 * nr,
+                        min(4 * nr, n - p0 * nr),
+                        accumulate,
+                        bias,
                     )
                 else:
                     for p in range(p0, p0 + group):
                         _kernel_2x1(
-                            rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate
+                            rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate, bias
                         )
                 i += 2
             else:
                 if group == 4:
                     _kernel_1x4(
-                        rows, i, packed, p0, out, p0 * nr, min(4 * nr, n - p0 * nr), accumulate
+                        rows,
+                        i,
+                        packed,
+                        p0,
+                        out,
+                        p0 * nr,
+                        min(4 * nr, n - p0 * nr),
+                        accumulate,
+                        bias,
                     )
                 else:
                     for p in range(p0, p0 + group):
                         _kernel_1x1(
-                            rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate
+                            rows, i, packed, p, out, p * nr, min(nr, n - p * nr), accumulate, bias
                         )
                 i += 1

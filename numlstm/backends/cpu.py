@@ -135,30 +135,27 @@ def _gate_blocks(stacked, stride, lo, n):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def cell_forward_row(a, recurrent, bias, c_prev, c, r, lo):
+def cell_forward_row(a, c_prev, c, r, lo):
     """:func:`~numlstm.gates.cell_forward` over the hidden units ``lo:lo + n`` of one
     sequence (all ``H`` of them, or one thread's share).
 
-    ``a`` is the sequence's stacked ``(4H,)`` gate row: it enters holding the input term
-    and leaves holding the activations of these units. ``recurrent`` holds their recurrent
-    term, four blocks of ``n``; ``bias`` is ``(4H,)``. ``c_prev``, ``c`` and ``r`` are the
-    ``(n,)`` slices of ``c_{t-1}``, ``c_t`` and ``o_t * tanh(c_t)``. Each gate block is its
-    own view so that LLVM can prove the loop free of overlap at run time and vectorise it
-    (one 2-D array indexed at ``k H + j`` defeats that check).
+    ``a`` is the sequence's stacked ``(4H,)`` gate row: it enters holding the whole
+    pre-activation ``a_t`` (the input projection, which adds the bias, and the recurrent
+    product, accumulated into it) and leaves holding the activations of these units.
+    ``c_prev``, ``c`` and ``r`` are the ``(n,)`` slices of ``c_{t-1}``, ``c_t`` and
+    ``o_t * tanh(c_t)``. Each gate block is its own view so that LLVM can prove the loop
+    free of overlap at run time and vectorise it (one 2-D array indexed at ``k H + j``
+    defeats that check). Reading one gate row instead of three (input term, recurrent
+    term, bias) measured 4.7 -> 3.4 ns per unit at H = 64, 3.1 -> 2.6 at H = 256 (float32):
+    fewer streams, and fewer overlap checks per call.
     """
     wide_vectors()
     hidden = a.shape[0] // 4
     n = c_prev.shape[0]
     a_i, a_f, a_g, a_o = _gate_blocks(a, hidden, lo, n)
-    w_i, w_f, w_g, w_o = _gate_blocks(recurrent, n, 0, n)
-    b_i, b_f, b_g, b_o = _gate_blocks(bias, hidden, lo, n)
     for j in range(n):
         a_i[j], a_f[j], a_g[j], a_o[j], c[j], r[j] = cell_forward(
-            a_i[j] + w_i[j] + b_i[j],
-            a_f[j] + w_f[j] + b_f[j],
-            a_g[j] + w_g[j] + b_g[j],
-            a_o[j] + w_o[j] + b_o[j],
-            c_prev[j],
+            a_i[j], a_f[j], a_g[j], a_o[j], c_prev[j]
         )
 
 
@@ -184,7 +181,7 @@ def cell_backward_row(gates, c_prev, c, d_r, d_c, d_a, lo):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def cell_forward_row_peephole(a, recurrent, bias, peephole, c_prev, c, r):
+def cell_forward_row_peephole(a, peephole, c_prev, c, r):
     """:func:`~numlstm.gates.cell_forward_peephole` over the ``H`` units of one sequence.
 
     As :func:`cell_forward_row`; ``peephole`` is ``(3, H)``, rows i, f, o.
@@ -192,24 +189,15 @@ def cell_forward_row_peephole(a, recurrent, bias, peephole, c_prev, c, r):
     wide_vectors()
     hidden = c_prev.shape[0]
     a_i, a_f, a_g, a_o = _split_gates(a, hidden)
-    w_i, w_f, w_g, w_o = _split_gates(recurrent, hidden)
-    b_i, b_f, b_g, b_o = _split_gates(bias, hidden)
     p_i, p_f, p_o = peephole[0], peephole[1], peephole[2]
     for j in range(hidden):
         a_i[j], a_f[j], a_g[j], a_o[j], c[j], r[j] = cell_forward_peephole(
-            a_i[j] + w_i[j] + b_i[j],
-            a_f[j] + w_f[j] + b_f[j],
-            a_g[j] + w_g[j] + b_g[j],
-            a_o[j] + w_o[j] + b_o[j],
-            c_prev[j],
-            p_i[j],
-            p_f[j],
-            p_o[j],
+            a_i[j], a_f[j], a_g[j], a_o[j], c_prev[j], p_i[j], p_f[j], p_o[j]
         )
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def cell_forward_row_ltm_stm(a, recurrent, bias, c_prev, c, m):
+def cell_forward_row_ltm_stm(a, c_prev, c, m):
     """:func:`~numlstm.gates.cell_forward_ltm_stm` over the ``H`` units of one sequence.
 
     As :func:`cell_forward_row`, but ``m`` receives the kept memory ``f_t ⊙ c_{t-1}``, the
@@ -218,15 +206,9 @@ def cell_forward_row_ltm_stm(a, recurrent, bias, c_prev, c, m):
     wide_vectors()
     hidden = c_prev.shape[0]
     a_i, a_f, a_g, a_v = _split_gates(a, hidden)
-    w_i, w_f, w_g, w_v = _split_gates(recurrent, hidden)
-    b_i, b_f, b_g, b_v = _split_gates(bias, hidden)
     for j in range(hidden):
         a_i[j], a_f[j], a_g[j], a_v[j], c[j], m[j] = cell_forward_ltm_stm(
-            a_i[j] + w_i[j] + b_i[j],
-            a_f[j] + w_f[j] + b_f[j],
-            a_g[j] + w_g[j] + b_g[j],
-            a_v[j] + w_v[j] + b_v[j],
-            c_prev[j],
+            a_i[j], a_f[j], a_g[j], a_v[j], c_prev[j]
         )
 
 
@@ -300,8 +282,9 @@ def _block(k, blocks, size):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads):
-    """``gates[: t_hi - t_lo] = x[t_lo:t_hi] W_ih^T``, split over threads by blocks of steps."""
+def _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, threads):
+    """``gates[: t_hi - t_lo] = x[t_lo:t_hi] W_ih^T + bias``, split over threads by blocks of
+    steps."""
     steps, n_inputs, n_gates = t_hi - t_lo, x.shape[2], gates.shape[2]
     blocks = _blocks(steps, threads)
     for k in prange(blocks):
@@ -312,6 +295,7 @@ def _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads):
             gates[s_lo:s_hi].reshape(-1, n_gates),
             n_gates,
             False,
+            bias,
         )
 
 
@@ -373,7 +357,9 @@ def forward_kernel(
         and ``P x 4H``) and packed by :func:`._packed.pack` for the products of
         :func:`._packed.packed_matmul`: ``W_hh`` is packed once for the whole time loop.
     bias : (4H,) array
-        ``b_ih + b_hh`` (zeros without bias).
+        ``b_ih + b_hh`` (zeros without bias), added by the input projection; the recurrent
+        product then accumulates into the same gate rows, so that the gate loop reads one
+        row per sequence.
     w_hr_t : (H, P) array
         Projection weights, transposed, or an empty ``(0, 0)`` array without projection.
     peephole : (3, H) array
@@ -411,10 +397,9 @@ def forward_kernel(
     projecting = w_hr_t.shape[0] > 0
     peepholes = peephole.shape[0] > 0
     use_layer = w_u_t.shape[0] > 0
-    recurrent = np.empty((batch, 4 * hidden), x.dtype)
     for n in range((steps_total + chunk - 1) // chunk):
         t_lo, t_hi = _layout.chunk_bounds(n, chunk, steps_total, reverse)
-        _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
+        _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, threads)
         blocks = _blocks(batch, threads)
         for k in prange(blocks):
             lo, hi = _block(k, blocks, batch)
@@ -425,7 +410,7 @@ def forward_kernel(
                 a = gates[t - t_lo]
                 r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
                 m = m_seq[t % m_seq.shape[0]] if use_layer else r
-                packed_matmul(h_seq[prev, lo:hi], w_hh_packed, recurrent[lo:hi], 4 * hidden, False)
+                packed_matmul(h_seq[prev, lo:hi], w_hh_packed, a[lo:hi], 4 * hidden, True)
                 for b in range(lo, hi):
                     if t >= lengths[b]:
                         c_seq[cur, b] = c_seq[prev, b]
@@ -436,16 +421,12 @@ def forward_kernel(
                         continue
                     if peepholes:
                         cell_forward_row_peephole(
-                            a[b], recurrent[b], bias, peephole, c_seq[prev, b], c_seq[cur, b], r[b]
+                            a[b], peephole, c_seq[prev, b], c_seq[cur, b], r[b]
                         )
                     elif use_layer:
-                        cell_forward_row_ltm_stm(
-                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], m[b]
-                        )
+                        cell_forward_row_ltm_stm(a[b], c_seq[prev, b], c_seq[cur, b], m[b])
                     else:
-                        cell_forward_row(
-                            a[b], recurrent[b], bias, c_seq[prev, b], c_seq[cur, b], r[b], 0
-                        )
+                        cell_forward_row(a[b], c_seq[prev, b], c_seq[cur, b], r[b], 0)
                 if use_layer:
                     u = u_seq[t % u_seq.shape[0]]
                     np.dot(m[lo:hi], w_u_t, u[lo:hi])
@@ -474,7 +455,7 @@ def forward_kernel(
     backend="cpu",
 )
 @njit(cache=True, nogil=True, parallel=True)
-def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y):
+def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, lengths, c_seq, h_seq, y):
     """Steps ``t_lo:t_hi`` of :func:`forward_kernel`, each split over threads by hidden units.
 
     For a few sequences against large weights: each thread multiplies every sequence by
@@ -486,16 +467,15 @@ def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths
 
     Parameters
     ----------
-    w_hh_units : (U, panels, P, NR) array
-        ``W_hh^T`` packed by blocks of units: block ``k`` holds the columns of the four
-        gates of the units ``_block(k, U, H)`` side by side (:func:`_unit_blocks_forward`).
-    t_lo, t_hi, reverse, gates, bias, lengths, c_seq, h_seq, y
+    w_hh_units : (U, 4, panels, P, NR) array
+        ``W_hh^T`` packed by blocks of units: ``[k, g]`` holds the columns of gate ``g``
+        for the units ``_block(k, U, H)`` (:func:`_unit_blocks_forward`).
+    t_lo, t_hi, reverse, gates, lengths, c_seq, h_seq, y
         As :func:`forward_kernel`'s.
     """
     slots = c_seq.shape[0]
-    batch, hidden = c_seq.shape[1], c_seq.shape[2]
+    hidden = c_seq.shape[2]
     blocks = w_hh_units.shape[0]
-    recurrent = np.empty((blocks, batch, 4 * ((hidden + blocks - 1) // blocks)), c_seq.dtype)
     times = range(t_hi - 1, t_lo - 1, -1) if reverse else range(t_lo, t_hi)
     for t in times:
         prev = (t + 1) % slots if reverse else t % slots
@@ -503,9 +483,10 @@ def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths
         a = gates[t - t_lo]
         for k in prange(blocks):
             lo, hi = _block(k, blocks, hidden)
-            width = 4 * (hi - lo)
-            packed_matmul(h_seq[prev], w_hh_units[k], recurrent[k, :, :width], width, False)
-            for b in range(batch):
+            for g in range(4):
+                units = a[:, g * hidden + lo : g * hidden + hi]
+                packed_matmul(h_seq[prev], w_hh_units[k, g], units, hi - lo, True)
+            for b in range(c_seq.shape[1]):
                 if t >= lengths[b]:
                     c_seq[cur, b, lo:hi] = c_seq[prev, b, lo:hi]
                     h_seq[cur, b, lo:hi] = h_seq[prev, b, lo:hi]
@@ -513,8 +494,6 @@ def forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths
                     continue
                 cell_forward_row(
                     a[b],
-                    recurrent[k, b, :width],
-                    bias,
                     c_seq[prev, b, lo:hi],
                     c_seq[cur, b, lo:hi],
                     h_seq[cur, b, lo:hi],
@@ -919,16 +898,16 @@ def _pack_blocks(matrices):
 
 
 def _unit_blocks_forward(w_hh, blocks):
-    """``W_hh^T`` by blocks of hidden units, for :func:`forward_steps_by_units`: block ``k``
-    holds the columns of the four gates of the units ``_block(k, blocks, H)`` side by side."""
+    """``W_hh^T`` by blocks of hidden units, for :func:`forward_steps_by_units`: ``[k, g]``
+    holds the columns of gate ``g`` for the units ``_block(k, blocks, H)``, so that each
+    product accumulates straight into that gate's columns of the gate rows."""
     hidden = w_hh.shape[0] // 4
     matrices = []
     for k in range(blocks):
         lo, hi = _block(k, blocks, hidden)
-        matrices.append(
-            np.concatenate([w_hh[g * hidden + lo : g * hidden + hi] for g in range(4)]).T
-        )
-    return _pack_blocks(matrices)
+        matrices += [w_hh[g * hidden + lo : g * hidden + hi].T for g in range(4)]
+    packed = _pack_blocks(matrices)
+    return packed.reshape(blocks, 4, *packed.shape[1:])
 
 
 def _unit_blocks_backward(w_hh, blocks):
@@ -1000,10 +979,8 @@ def layer_forward(
         chunk = gates.shape[0]
         for n in range(-(-len(x) // chunk)):
             t_lo, t_hi = _layout.chunk_bounds(n, chunk, len(x), reverse)
-            _input_projection(x, w_ih_packed, gates, t_lo, t_hi, threads)
-            forward_steps_by_units(
-                t_lo, t_hi, reverse, gates, w_hh_units, bias, lengths, c_seq, h_seq, y
-            )
+            _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, threads)
+            forward_steps_by_units(t_lo, t_hi, reverse, gates, w_hh_units, lengths, c_seq, h_seq, y)
     else:
         w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
         pack(w_hh.T, w_hh_packed)
