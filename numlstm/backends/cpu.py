@@ -394,9 +394,6 @@ def forward_kernel(
     chunk = gates.shape[0]
     slots = c_seq.shape[0]
     hidden = c_seq.shape[2]
-    projecting = w_hr_t.shape[0] > 0
-    peepholes = peephole.shape[0] > 0
-    use_layer = w_u_t.shape[0] > 0
     for n in range((steps_total + chunk - 1) // chunk):
         t_lo, t_hi = _layout.chunk_bounds(n, chunk, steps_total, reverse)
         _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, threads)
@@ -408,32 +405,32 @@ def forward_kernel(
                 prev = (t + 1) % slots if reverse else t % slots
                 cur = t % slots if reverse else (t + 1) % slots
                 a = gates[t - t_lo]
-                r = r_seq[t % r_seq.shape[0]] if projecting else h_seq[cur]
-                m = m_seq[t % m_seq.shape[0]] if use_layer else r
+                r = h_seq[cur] if w_hr_t is None else r_seq[t % r_seq.shape[0]]
+                m = r if w_u_t is None else m_seq[t % m_seq.shape[0]]
                 packed_matmul(h_seq[prev, lo:hi], w_hh_packed, a[lo:hi], 4 * hidden, True)
                 for b in range(lo, hi):
                     if t >= lengths[b]:
                         c_seq[cur, b] = c_seq[prev, b]
-                        if projecting:
+                        if w_hr_t is not None:
                             r[b] = 0.0  # read by the projection's weight gradient
-                        if use_layer:
+                        if w_u_t is not None:
                             m[b] = 0.0  # read by the use layer's product and its gradient
                         continue
-                    if peepholes:
+                    if peephole is not None:
                         cell_forward_row_peephole(
                             a[b], peephole, c_seq[prev, b], c_seq[cur, b], r[b]
                         )
-                    elif use_layer:
+                    elif w_u_t is not None:
                         cell_forward_row_ltm_stm(a[b], c_seq[prev, b], c_seq[cur, b], m[b])
                     else:
                         cell_forward_row(a[b], c_seq[prev, b], c_seq[cur, b], r[b], 0)
-                if use_layer:
+                if w_u_t is not None:
                     u = u_seq[t % u_seq.shape[0]]
                     np.dot(m[lo:hi], w_u_t, u[lo:hi])
                     for b in range(lo, hi):
                         if t < lengths[b]:
                             use_gate_row_ltm_stm(u[b], b_u, a[b, 3 * hidden :], r[b])
-                if projecting:
+                if w_hr_t is not None:
                     np.dot(r[lo:hi], w_hr_t, h_seq[cur, lo:hi])
                 for b in range(lo, hi):
                     if t < lengths[b]:
@@ -579,9 +576,7 @@ def _sum_parts(parts, total):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _gradient_gemms(
-    d_a, inputs, h_prev, d_hs, r_seq, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, d_w_hr, threads
-):
+def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, threads):
     """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
 
     ``d_x`` splits by rows (``w_ih_packed`` is ``W_ih`` packed by :func:`._packed.pack`).
@@ -590,11 +585,9 @@ def _gradient_gemms(
     """
     rows = d_a.shape[0]
     blocks = _blocks(rows, threads)
-    projecting = d_w_hr.shape[0] > 0
     part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
     part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
     part_bias = np.zeros((blocks, d_bias.shape[0]), d_a.dtype)
-    part_w_hr = np.empty((blocks if projecting else 0, *d_w_hr.shape), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
         packed_matmul(d_a[lo:hi], w_ih_packed, d_x[lo:hi], d_x.shape[1], False)
@@ -602,13 +595,23 @@ def _gradient_gemms(
         np.dot(d_a[lo:hi].T, h_prev[lo:hi], part_w_hh[k])
         for row in range(lo, hi):
             part_bias[k] += d_a[row]
-        if projecting:
-            np.dot(d_hs[lo:hi].T, r_seq[lo:hi], part_w_hr[k])
     _sum_parts(part_w_ih, d_w_ih)
     _sum_parts(part_w_hh, d_w_hh)
     _sum_parts(part_bias, d_bias)
-    if projecting:
-        _sum_parts(part_w_hr, d_w_hr)
+
+
+@implements("d-projection-weights", backend="cpu")
+@njit(cache=True, nogil=True, parallel=True)
+def projection_weight_gradient(d_hs, r_seq, d_w_hr, threads):
+    """``δW_hr = Σ_t δh_t^T r_t`` (rows of ``d_hs`` and ``r_seq`` are steps and sequences),
+    split over threads like :func:`_gradient_gemms`; called for projecting layers only."""
+    rows = d_hs.shape[0]
+    blocks = _blocks(rows, threads)
+    part_w_hr = np.empty((blocks, *d_w_hr.shape), d_hs.dtype)
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, rows)
+        np.dot(d_hs[lo:hi].T, r_seq[lo:hi], part_w_hr[k])
+    _sum_parts(part_w_hr, d_w_hr)
 
 
 @implements(
@@ -657,7 +660,6 @@ def backward_kernel(
     d_w_ih,
     d_w_hh,
     d_bias,
-    d_w_hr,
     steps_done,
     threads,
 ):
@@ -666,8 +668,10 @@ def backward_kernel(
     Shapes and the other arguments up to ``u_seq`` are those of :func:`forward_kernel`
     (with the weights untransposed), as saved by a forward pass with ``C == T``,
     ``S == T + 1`` and ``R == T`` (with projection or the LTM/STM cell). The time loop runs
-    on blocks of sequences in parallel, like the forward one. The cell variants' own
-    weight gradients are left to :func:`cell_weight_gradients`.
+    on blocks of sequences in parallel, like the forward one. The weight gradients of the
+    projection and of the cell variants are left to :func:`projection_weight_gradient` and
+    :func:`cell_weight_gradients`. ``w_hr``, ``peephole`` and ``w_u`` are None for a cell
+    that lacks them, as in :func:`forward_kernel`.
 
     Parameters
     ----------
@@ -689,9 +693,9 @@ def backward_kernel(
         The LTM/STM cell's ``δa^u_t``; ``(0, B, H)`` for another cell.
     d_x : (T, B, I) array, out
         Gradient at the input.
-    d_w_ih, d_w_hh, d_bias, d_w_hr : arrays, out
+    d_w_ih, d_w_hh, d_bias : arrays, out
         Gradients of the weights (shapes as the weights); ``d_bias`` is the gradient of
-        ``b_ih`` and of ``b_hh`` alike. ``d_w_hr`` is ``(0, 0)`` without projection.
+        ``b_ih`` and of ``b_hh`` alike.
     steps_done : bool
         The time loop already ran (:func:`backward_steps_by_units`): ``d_gates``, ``d_h``
         and ``d_c`` hold its results, and only the gradient GEMMs are left.
@@ -701,10 +705,7 @@ def backward_kernel(
     steps_total, batch, n_inputs = x.shape
     hidden = c_seq.shape[2]
     n_out = h_seq.shape[2]
-    projecting = w_hr.shape[0] > 0
-    peepholes = peephole.shape[0] > 0
-    use_layer = w_u.shape[0] > 0
-    d_r = np.empty((batch, hidden), x.dtype) if projecting else d_h
+    d_r = d_h if w_hr is None else np.empty((batch, hidden), x.dtype)
     d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
     blocks = 0 if steps_done else _blocks(batch, threads)
@@ -717,14 +718,14 @@ def backward_kernel(
             for b in range(lo, hi):
                 if t < lengths[b]:
                     d_h[b] += d_y[t, b]
-            if projecting:
+            if w_hr is not None:
                 for b in range(lo, hi):
                     if t < lengths[b]:
                         d_hs[t, b] = d_h[b]
                     else:
                         d_hs[t, b] = 0.0
                 np.dot(d_hs[t, lo:hi], w_hr, d_r[lo:hi])
-            if use_layer:
+            if w_u is not None:
                 for b in range(lo, hi):
                     if t < lengths[b]:
                         use_gate_backward_row_ltm_stm(
@@ -741,7 +742,7 @@ def backward_kernel(
                 if t >= lengths[b]:
                     d_gates[t, b] = 0.0
                     continue
-                if peepholes:
+                if peephole is not None:
                     cell_backward_row_peephole(
                         gates[t, b],
                         c_seq[prev, b],
@@ -751,7 +752,7 @@ def backward_kernel(
                         d_c[b],
                         d_gates[t, b],
                     )
-                elif use_layer:
+                elif w_u is not None:
                     cell_backward_row_ltm_stm(
                         gates[t, b], c_seq[prev, b], d_m[b], d_c[b], d_gates[t, b]
                     )
@@ -775,14 +776,11 @@ def backward_kernel(
         d_gates.reshape(-1, 4 * hidden),
         x.reshape(-1, n_inputs),
         h_prev.reshape(-1, n_out),
-        d_hs.reshape(-1, n_out),
-        r_seq.reshape(-1, hidden),
         w_ih_packed,
         d_x.reshape(-1, n_inputs),
         d_w_ih,
         d_w_hh,
         d_bias,
-        d_w_hr,
         threads,
     )
 
@@ -837,9 +835,9 @@ class LayerTape(NamedTuple):
     x: np.ndarray
     w_ih: np.ndarray
     w_hh: np.ndarray
-    w_hr: np.ndarray
-    peephole: np.ndarray
-    w_u: np.ndarray
+    w_hr: np.ndarray | None
+    peephole: np.ndarray | None
+    w_u: np.ndarray | None
     lengths: np.ndarray
     reverse: bool
     gates: np.ndarray
@@ -951,12 +949,11 @@ def layer_forward(
     hidden = w_hh.shape[0] // 4
     n_out = w_hh.shape[1]
     dtype = x.dtype
-    if w_hr is None:
-        w_hr = np.empty((0, 0), dtype)
-    if peephole is None:
-        peephole = np.empty((0, 0), dtype)
-    if w_u is None:
-        w_u, b_u = np.empty((0, 0), dtype), np.empty(0, dtype)
+    # The kernels take None for a part the cell does not have: Numba prunes the branches
+    # that test it, so that each cell compiles (and caches) only its own code.
+    w_hr_t = None if w_hr is None else np.ascontiguousarray(w_hr.T)
+    w_u_t = None if w_u is None else np.ascontiguousarray(w_u.T)
+    standard = w_hr is None and peephole is None and w_u is None
     gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, first, last = _layout.allocate(
         np,
         x,
@@ -964,8 +961,8 @@ def layer_forward(
         n_out,
         save=save,
         reverse=reverse,
-        projecting=w_hr.shape[0] > 0,
-        use_layer=w_u.shape[0] > 0,
+        projecting=w_hr is not None,
+        use_layer=w_u is not None,
         chunk=INFERENCE_CHUNK,
     )
     c_seq[first] = c0
@@ -973,7 +970,6 @@ def layer_forward(
     w_ih_packed = empty_packed(*w_ih.T.shape, dtype)
     pack(w_ih.T, w_ih_packed)
     threads = get_num_threads()
-    standard = w_hr.shape[0] == 0 and peephole.shape[0] == 0 and w_u.shape[0] == 0
     if standard and _split_by_units(len(lengths), hidden, w_hh.nbytes, threads):
         w_hh_units = _unit_blocks_forward(w_hh, threads)
         chunk = gates.shape[0]
@@ -993,9 +989,9 @@ def layer_forward(
                 w_ih_packed,
                 w_hh_packed,
                 bias,
-                np.ascontiguousarray(w_hr.T),
+                w_hr_t,
                 peephole,
-                np.ascontiguousarray(w_u.T),
+                w_u_t,
                 b_u,
                 lengths,
                 reverse,
@@ -1048,9 +1044,9 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     """
     x, w_ih, w_hh, w_hr = tape.x, tape.w_ih, tape.w_hh, tape.w_hr
     dtype = x.dtype
-    projecting = w_hr.shape[0] > 0
-    peepholes = tape.peephole.shape[0] > 0
-    use_layer = tape.w_u.shape[0] > 0
+    projecting = w_hr is not None
+    peepholes = tape.peephole is not None
+    use_layer = tape.w_u is not None
     d_h = np.array(d_h_n, dtype, copy=True)
     d_c = np.array(d_c_n, dtype, copy=True)
     d_gates = np.empty(tape.gates.shape, dtype)
@@ -1060,10 +1056,6 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_w_ih = np.empty(w_ih.shape, dtype)
     d_w_hh = np.empty(w_hh.shape, dtype)
     d_bias = np.empty(w_ih.shape[0], dtype)
-    d_w_hr = np.empty(w_hr.shape, dtype)
-    d_peephole = np.empty(tape.peephole.shape, dtype)
-    d_w_u = np.empty(tape.w_u.shape, dtype)
-    d_b_u = np.empty(tape.w_u.shape[0], dtype)
     w_ih_packed = empty_packed(*w_ih.shape, dtype)
     pack(w_ih, w_ih_packed)
     threads = get_num_threads()
@@ -1105,14 +1097,24 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
             d_w_ih,
             d_w_hh,
             d_bias,
-            d_w_hr,
             by_units,
             threads,
         )
+    d_w_hr = d_peephole = d_w_u = d_b_u = None
+    if projecting:
+        d_w_hr = np.empty(w_hr.shape, dtype)
+        with single_threaded_blas():
+            projection_weight_gradient(
+                d_hs.reshape(-1, w_hr.shape[0]), tape.r_seq.reshape(-1, hidden), d_w_hr, threads
+            )
     if peepholes or use_layer:
         steps, c_seq = len(x), tape.c_seq
         c_prev = c_seq[1:] if tape.reverse else c_seq[:steps]
         c_cur = c_seq[:steps] if tape.reverse else c_seq[1:]
+        # cell_weight_gradients skips the part of an empty array.
+        d_peephole = np.empty((3, hidden) if peepholes else (0, 0), dtype)
+        d_w_u = np.empty((hidden, hidden) if use_layer else (0, 0), dtype)
+        d_b_u = np.empty(hidden if use_layer else 0, dtype)
         with single_threaded_blas():
             cell_weight_gradients(
                 d_gates.reshape(-1, 4 * hidden),
@@ -1125,15 +1127,8 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
                 d_b_u,
                 threads,
             )
-    return LayerGrads(
-        d_x,
-        d_h,
-        d_c,
-        d_w_ih,
-        d_w_hh,
-        d_bias,
-        d_w_hr if projecting else None,
-        d_peephole if peepholes else None,
-        d_w_u if use_layer else None,
-        d_b_u if use_layer else None,
-    )
+        if not peepholes:
+            d_peephole = None
+        if not use_layer:
+            d_w_u = d_b_u = None
+    return LayerGrads(d_x, d_h, d_c, d_w_ih, d_w_hh, d_bias, d_w_hr, d_peephole, d_w_u, d_b_u)
