@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ _NAME = re.compile(
 )
 
 
+@functools.cache  # called for every parameter of every forward pass
 def param_name(kind, layer, direction):
     """PyTorch's name of a parameter: ``weight_ih_l0``, ``bias_hh_l1_reverse``, ..."""
     return f"{kind}_l{layer}" + ("_reverse" if direction else "")

@@ -97,9 +97,12 @@ def check_array(value, argument, dtype, shape_text):
     TypeError
         If ``value`` is not an array, or has another dtype.
     """
-    check_is_array(
-        value, argument, f"a NumPy array or a CUDA array of shape {shape_text} and dtype {dtype}"
-    )
+    if not isinstance(value, np.ndarray):  # the message costs microseconds: only on error
+        check_is_array(
+            value,
+            argument,
+            f"a NumPy array or a CUDA array of shape {shape_text} and dtype {dtype}",
+        )
     given = array_dtype(value)
     if given != dtype:
         if given in FLOAT_DTYPES:

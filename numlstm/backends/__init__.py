@@ -154,6 +154,8 @@ def resolve(backend, arrays=()):
         name = get_backend()
     if name == "auto":
         name = "cuda" if any(is_cuda_array(a) for a in arrays) else "cpu"
+    if name == "cpu":  # always available: keep every call's path short
+        return importlib.import_module(f"{__name__}.cpu")
     status = _STATUS[name]()
     if not status.available:
         raise BackendUnavailableError(f"the {name!r} backend is not available: {status.reason}")

@@ -388,11 +388,13 @@ _kernel_1x4 = _make_kernel(1, 4)
 _kernel_1x1 = _make_kernel(1, 1)
 #: Panels per group of the outer loop of packed_matmul (the widest kernel's panels).
 _GROUP = 4
-#: From this many rows on (the input projection, ``δa W_ih``), blocks of 6 rows x 2 panels:
-#: 24 accumulators load less per FMA than the 8 x 1 block, measured 165 -> 175-185 GF/s at
-#: (3216, 256, 1024). The 8 x 1 block stays for the few rows of a time step, where it reads
-#: ``W`` once per call (205 GF/s at 8 rows).
-_MANY_ROWS = 64
+#: From this many rows on, blocks of 6 rows x 2 panels: 24 accumulators load less per FMA
+#: than the 8 x 1 block. Measured 165 -> 175-185 GF/s at (3216, 256, 1024) (the input
+#: projection, ``δa W_ih``), and for one step's rows (one thread, float32, M x K x N):
+#: 170 -> 193 at 32 x 256 x 1024, 174 -> 211 at 12 x 128 x 512, 177 -> 193 at 24 x 128 x
+#: 512; float64 gains alike. The 8 x 1 block stays for fewer rows (187 against 183 GF/s at
+#: 8 x 64 x 256), where the 6-row blocks would leave a third of the rows to narrow ones.
+_MANY_ROWS = 12
 
 
 @njit(cache=True, nogil=True)
