@@ -118,6 +118,15 @@ def test_exact_on_small_integers(dtype, m, n):
     packed_matmul(rows, packed, out, n, True)
     np.testing.assert_array_equal(out[:, :n], 2 * (rows @ w))
     np.testing.assert_array_equal(out[:, n:], SENTINEL)
+    # A bias starts every row's accumulators; only its first n values are read (the
+    # masked loads of a ragged block stop at n, so NaN beyond them must not leak in).
+    bias = np.concatenate([rng.integers(-8, 9, size=n), np.full(40, np.nan)]).astype(dtype)
+    packed_matmul(rows, packed, out, n, False, bias)
+    np.testing.assert_array_equal(out[:, :n], rows @ w + bias[:n])
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
+    packed_matmul(rows, packed, out, n, True, bias)
+    np.testing.assert_array_equal(out[:, :n], 2 * (rows @ w + bias[:n]))
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
 
 
 @settings(max_examples=80, deadline=None)
@@ -179,6 +188,11 @@ def test_shape_errors():
     with pytest.raises(ValueError):  # rows without unit stride along K
         rows = np.ones((2, 8), np.float32)[:, ::2]
         packed_matmul(rows, packed, np.zeros((2, 40), np.float32), 40, False)
+    rows, out = np.ones((2, 4), np.float32), np.zeros((2, 40), np.float32)
+    with pytest.raises(ValueError, match="bias"):  # too short
+        packed_matmul(rows, packed, out, 40, False, np.ones(39, np.float32))
+    with pytest.raises(ValueError, match="bias"):  # not contiguous
+        packed_matmul(rows, packed, out, 40, False, np.ones(80, np.float32)[::2])
 
 
 def test_ir_keeps_512_bit_vectors():
@@ -192,6 +206,7 @@ def test_ir_keeps_512_bit_vectors():
     assert "llvm.fmuladd.v16f32" in llvm_ir
     assert "llvm.masked.store.v16f32" in llvm_ir
     assert '"prefer-vector-width"="512"' in llvm_ir
+    assert "llvm.prefetch" in llvm_ir  # W's panels are fetched ahead of their loads
     if llvm.get_host_cpu_features().get("avx512f", False):
         asm = next(iter(kernel.inspect_asm().values()))
         assert "vfmadd231ps\t%zmm" in asm or "vfmadd231ps %zmm" in asm
