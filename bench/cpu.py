@@ -16,10 +16,12 @@ float64 (the harness checks which with torch's profiler and records it).
 
 Each configuration is measured in two modes: inference forward (``numlstm.no_grad()`` /
 ``torch.no_grad()``) and training forward + backward (the parameter gradients and the input
-gradient on both sides). Compilation and warm-up are excluded. Each repeat times numlstm
-and torch back to back, alternating which goes first, so load on a shared machine hits both
-alike; repeats go on until each side has run for ``--min-time`` seconds and at least
-``--repeats`` times, and the table reports medians.
+gradient on both sides). Compilation and warm-up are excluded. Each round runs numlstm
+and torch in short runs of three calls back to back, alternating which goes first, so load
+on a shared machine hits both alike; the first call of a run is not timed, because the other
+library's OpenMP threads still spin on the cores for a while (:func:`compare`). Rounds go
+on until each side has run for ``--min-time`` seconds and at least ``--repeats`` times, and
+the table reports medians.
 
 Work is counted as forward FLOPs = 2·T·B·4H·(I_l + H) summed over layers (I_l = I for the
 first layer, H above it); training counts 3x forward. The BLAS GEMM peak is a square
@@ -211,35 +213,56 @@ def pinned_threads(threads):
         torch.set_num_threads(saved[0])
 
 
-def compare(first, second, min_time, min_repeats):
-    """Time two functions interleaved.
+#: Calls per side in a row within a round of :func:`compare`; the first of each run is not
+#: timed (see there).
+BLOCK = 3
 
-    Each repeat runs both back to back, alternating which goes first, until each has run
-    ``min_repeats`` times and for ``min_time`` seconds in total.
+
+def compare(first, second, min_time, min_repeats, block=BLOCK):
+    """Time two functions interleaved, in short runs of each.
+
+    Each round calls one function ``block`` times in a row, then the other, alternating
+    which goes first, until each has ``min_repeats`` timed calls and ``min_time`` seconds
+    of them. The first call of every run is not timed: right after the other library, its
+    OpenMP threads still spin on the two cores for a while, and the first call pays for
+    it. Measured by ``bench/order.py`` (float32 forward): numlstm right after
+    torch 3-5 % slower than right after itself at the large configurations and 17 % at
+    (50,16,32,64,1); torch right after numlstm 1-2 % and 16 %. Neither library's user
+    pays that cost, and timing it would only blur the comparison.
 
     Parameters
     ----------
     first, second : callable
         Functions of no arguments, already warmed up.
     min_time : float
-        Seconds each side runs in total, at least.
+        Seconds each side runs in total (timed calls), at least.
     min_repeats : int
-        Repeats, at least.
+        Timed calls per side, at least.
+    block : int
+        Calls per side in a row, the first one untimed (at least 2).
 
     Returns
     -------
     tuple of two lists of float
-        The seconds of each call of ``first`` and of ``second``.
+        The seconds of each timed call of ``first`` and of ``second``.
     """
+    if block < 2:
+        raise ValueError(
+            f"block must be at least 2 (one untimed call, then timed ones), got {block}"
+        )
     times = ([], [])
     functions = (first, second)
     gc.collect()
+    rounds = 0
     while len(times[0]) < min_repeats or min(sum(times[0]), sum(times[1])) < min_time:
-        order = (0, 1) if len(times[0]) % 2 == 0 else (1, 0)
+        order = (0, 1) if rounds % 2 == 0 else (1, 0)
+        rounds += 1
         for side in order:
-            start = time.perf_counter()
             functions[side]()
-            times[side].append(time.perf_counter() - start)
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                functions[side]()
+                times[side].append(time.perf_counter() - start)
     return times
 
 

@@ -37,6 +37,18 @@ def test_configs_are_grid_indices_or_five_integers():
             cpu.parse_config(text)
 
 
+def test_compare_times_runs_of_each_side_without_their_first_call():
+    calls = []
+    first, second = (lambda: calls.append("a")), (lambda: calls.append("b"))
+    times = cpu.compare(first, second, min_time=0.0, min_repeats=4, block=3)
+    # Rounds of 3 calls a side, alternating which side goes first; 2 timed calls each.
+    assert calls == list("aaabbb" + "bbbaaa")
+    assert [len(t) for t in times] == [4, 4]
+    assert all(t >= 0 for side in times for t in side)
+    with pytest.raises(ValueError, match="block"):
+        cpu.compare(first, second, 0.0, 1, block=1)
+
+
 def test_issue_grid_and_default_dtype_plan():
     assert [config.label for config in cpu.GRID] == [
         "50,16,32,64,1",
