@@ -59,7 +59,7 @@ def _run(dtype):
     lengths = np.array([6, 2, 5])
     output, (h_n, c_n) = model(x, (h0, c0), lengths=lengths)
     d_x, (d_h0, d_c0) = model.backward(rng.standard_normal(output.shape).astype(dtype))
-    return {
+    results = {
         "output": output,
         "h_n": h_n,
         "c_n": c_n,
@@ -68,6 +68,15 @@ def _run(dtype):
         "d_c0": d_c0,
         **model.grads,
     }
+    # Inference keeps no tape, and with every sequence at full length writes each h_t
+    # straight into the output: both ways.
+    with numlstm.no_grad():
+        for name, step_lengths in (("padded", lengths), ("full", None)):
+            output, (h_n, c_n) = model(x, (h0, c0), lengths=step_lengths)
+            results[f"{name} inference output"] = output
+            results[f"{name} inference h_n"] = h_n
+            results[f"{name} inference c_n"] = c_n
+    return results
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -90,7 +99,8 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
         )
     by_units = _run(dtype)
 
-    assert packed.count(blocks) == 2 * 2 * 2  # forward and backward, 2 layers, 2 directions
+    # 2 layers x 2 directions, for 3 forward passes (training, 2 inference) and 1 backward.
+    assert packed.count(blocks) == 4 * 2 * 2
     for name, expected in by_sequences.items():
         # float64: the same sums, in the same order, up to the micro-kernel's blocking.
         assert_close(
