@@ -44,8 +44,9 @@ VECTOR_BYTES = 64
 #: The micro-kernels prefetch each panel this many bytes (8 rows of ``k``) ahead of their
 #: loads. It pays where ``W`` does not stay in L2: one thread, float32, 8 x 512 x 1024
 #: (2 MB, a thread's block of the split by units) 137-153 -> 157-171 GF/s; and helps a
-#: little in cache (32 x 256 x 1024: 180-187 -> 185-197). ``llvm.prefetch`` never faults,
-#: so prefetching past a panel's end is harmless.
+#: little in cache (32 x 256 x 1024: 180-187 -> 185-197). End to end, the grid of
+#: ``python -m bench`` showed no change beyond its noise (about 2 %, in-process A/B).
+#: ``llvm.prefetch`` never faults, so prefetching past a panel's end is harmless.
 PREFETCH_BYTES = 1024
 #: Vectors per panel: a panel row of ``NR`` values is two 64-byte vectors.
 PANEL_VECTORS = 2
@@ -417,6 +418,7 @@ _GROUP = 4
 #: 170 -> 193 at 32 x 256 x 1024, 174 -> 211 at 12 x 128 x 512, 177 -> 193 at 24 x 128 x
 #: 512; float64 gains alike. The 8 x 1 block stays for fewer rows (187 against 183 GF/s at
 #: 8 x 64 x 256), where the 6-row blocks would leave a third of the rows to narrow ones.
+#: End to end, no change beyond the benchmark's noise (about 2 %, in-process A/B).
 _MANY_ROWS = 12
 
 
