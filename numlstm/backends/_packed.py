@@ -465,6 +465,7 @@ def packed_matmul(rows, packed, out, n, accumulate, bias=None):
     # every block of rows goes through it, so W is read from memory once per call.
     for p0 in range(0, n_panels, _GROUP):
         group = min(_GROUP, n_panels - p0)
+        group_width = min(group * nr, n - p0 * nr)  # columns of W in this group
         i = 0
         while i < m:
             left = m - i
@@ -500,17 +501,7 @@ def packed_matmul(rows, packed, out, n, accumulate, bias=None):
                 i += 4
             elif left >= 2:
                 if group == 4:
-                    _kernel_2x4(
-                        rows,
-                        i,
-                        packed,
-                        p0,
-                        out,
-                        p0 * nr,
-                        min(4 * nr, n - p0 * nr),
-                        accumulate,
-                        bias,
-                    )
+                    _kernel_2x4(rows, i, packed, p0, out, p0 * nr, group_width, accumulate, bias)
                 else:
                     for p in range(p0, p0 + group):
                         _kernel_2x1(
@@ -519,17 +510,7 @@ def packed_matmul(rows, packed, out, n, accumulate, bias=None):
                 i += 2
             else:
                 if group == 4:
-                    _kernel_1x4(
-                        rows,
-                        i,
-                        packed,
-                        p0,
-                        out,
-                        p0 * nr,
-                        min(4 * nr, n - p0 * nr),
-                        accumulate,
-                        bias,
-                    )
+                    _kernel_1x4(rows, i, packed, p0, out, p0 * nr, group_width, accumulate, bias)
                 else:
                     for p in range(p0, p0 + group):
                         _kernel_1x1(
