@@ -220,9 +220,31 @@ def cell_forward(a_i, a_f, a_g, a_o, c_prev):
     f = sigmoid(a_f)
     g = tanh(a_g)
     o = sigmoid(a_o)
-    c = f * c_prev + i * g
-    r = o * tanh(c)
+    c, r = cell_update(i, f, g, o, c_prev)
     return i, f, g, o, c, r
+
+
+@implements("cell-update", "hidden-update", backend="shared")
+@njit(nogil=True, error_model="numpy", inline="always")
+def cell_update(i, f, g, o, c_prev):
+    """The two memory updates of :func:`cell_forward`, from its gates' activations.
+
+    Parameters
+    ----------
+    i, f, g, o : float
+        The gate activations.
+    c_prev : float
+        The long-term memory ``c_{t-1}``.
+
+    Returns
+    -------
+    c : float
+        The new long-term memory ``c_t = f_t c_{t-1} + i_t g_t``.
+    r : float
+        ``o_t ⊙ tanh(c_t)``, the new short-term memory before any projection.
+    """
+    c = f * c_prev + i * g
+    return c, o * tanh(c)
 
 
 @implements(
