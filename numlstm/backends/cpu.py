@@ -151,7 +151,7 @@ def cell_forward_row(a, c_prev, c, r, lo):
     activation, in place, then :func:`~numlstm.gates.cell_update`. Each loop has few
     arrays, so LLVM vectorises it with few overlap checks at run time and without running
     out of vector registers: measured 3.0 -> 2.5 ns per unit at H = 64 and 2.3 -> 2.0 at
-    H = 256 in float32, 6.2 -> 4.8 at H = 256 in float64, with bit-identical results.
+    H = 256 in float32, 6.2 -> 4.9 at H = 256 in float64, with bit-identical results.
     (Reading one gate row instead of three, the input term, the recurrent term and the
     bias, had brought 4.7 -> 3.4 ns at H = 64.)
     """
