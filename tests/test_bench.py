@@ -204,3 +204,16 @@ def test_the_models_of_a_cell_variant_share_the_standard_weights():
     shared = ours.state_dict()
     for name, value in theirs.state_dict().items():
         np.testing.assert_array_equal(value, shared[name])
+
+
+def test_gradient_bench_times_both_ways_on_the_same_arrays(restored_thread_env, capsys):
+    from bench import gradients
+
+    result = gradients.measure((3, 5, 7, 9), "float64", repeats=1)
+    assert result["blas_ms"] > 0 and result["packed_ms"] > 0
+    assert result["partial_bytes"] == 4 * 9 * (7 + 9) * 8
+    assert result["max_difference"] < 1e-13  # the same products, summed in another order
+    gradients.main(["--shapes", "3,5,7,9", "--dtype", "float64"])
+    assert "T,B,I,H = 3,5,7,9: partials" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gradients.main(["--shapes", "3,5,7"])

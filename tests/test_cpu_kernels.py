@@ -110,3 +110,59 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
             dtype=dtype,
             name=name,
         )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("block_rows", [4, 128])
+def test_packed_gradient_gemms_equal_blas(monkeypatch, block_rows, dtype):
+    """Below ``PACKED_GRADIENT_MAX_BYTES`` the gradient GEMMs after the backward time loop
+    run on the packed micro-kernel, in blocks of rows; forced both ways on the same model
+    (blocks of 4 rows leave a ragged last block on every thread), they must agree."""
+    chosen = []
+
+    def spy(*args, original=cpu._packed_gradients):
+        chosen.append(original(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(cpu, "_packed_gradients", spy)
+    monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 0)
+    by_blas = _run(dtype)
+    assert chosen == [False] * 4  # 2 layers x 2 directions
+    monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 1 << 40)
+    monkeypatch.setattr(cpu, "GRADIENT_BLOCK_ROWS", block_rows)
+    by_blocks = _run(dtype)
+    assert chosen[4:] == [True] * 4
+    for name, expected in by_blas.items():
+        # The same products; only the order of the sums over rows differs.
+        assert_close(
+            by_blocks[name],
+            expected,
+            rtol=1e-12 if dtype == "float64" else None,
+            dtype=dtype,
+            name=name,
+        )
+
+
+def test_buffers_start_on_a_cache_line():
+    """The CPU's buffers are 64-byte aligned (NumPy starts a large array 16 bytes past a
+    page, which splits every 64-byte load of a row over two cache lines)."""
+    rng = np.random.default_rng(0)
+    steps, batch, n_inputs, hidden = 300, 16, 8, 64  # the tape is far beyond mmap's threshold
+    x = rng.standard_normal((steps, batch, n_inputs))
+    w_ih = rng.standard_normal((4 * hidden, n_inputs))
+    w_hh = rng.standard_normal((4 * hidden, hidden))
+    zeros = np.zeros((batch, hidden))
+    lengths = np.full(batch, steps)
+    y, _, _, tape = cpu.layer_forward(
+        x, w_ih, w_hh, np.zeros(4 * hidden), None, zeros, zeros, lengths, False, True
+    )
+    grads = cpu.layer_backward(tape, np.ones_like(y), zeros, zeros)
+    for name, array in [
+        ("y", y),
+        ("gates", tape.gates),
+        ("c_seq", tape.c_seq),
+        ("h_seq", tape.h_seq),
+        ("d_x", grads.d_x),
+        ("unit blocks", cpu._unit_blocks_forward(w_hh, 2)),
+    ]:
+        assert array.ctypes.data % 64 == 0, name

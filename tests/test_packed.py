@@ -40,16 +40,30 @@ def forward_error_bound(rows, w):
     return (k + 2) * eps * scale + np.finfo(rows.dtype).tiny
 
 
-def run_case(dtype, m, k, n, *, row_step=1, offset=0, accumulate=False, seed=0):
-    """Pack a random W, run packed_matmul on strided views, return (out, expected, bound)."""
+def run_case(
+    dtype, m, k, n, *, row_step=1, offset=0, accumulate=False, transposed=False, k0=0, seed=0
+):
+    """Pack a random W, run packed_matmul on strided views, return (out, expected, bound).
+
+    ``transposed`` takes ``rows`` as the transpose of a slice of a larger array (the
+    gradient pass's ``δa^T``); ``k0 > 0`` packs ``k0 + k + 3`` rows of a larger W and
+    multiplies by the slice ``packed[:, k0 : k0 + k]``.
+    """
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((k, n)).astype(dtype)
-    packed = empty_packed(k, n, dtype)
-    packed.fill(np.nan)  # pack must overwrite every element, padding included
-    pack(w, packed)
-    # rows: a strided row slice of a larger C-contiguous array (row stride > K).
-    big_rows = rng.standard_normal((row_step * m + 3, k + offset + 2)).astype(dtype)
-    rows = big_rows[1 : 1 + row_step * m : row_step, offset : offset + k]
+    w_big = rng.standard_normal((k0 + k + 3 if k0 else k, n)).astype(dtype)
+    w = w_big[k0 : k0 + k]
+    packed_big = empty_packed(*w_big.shape, dtype)
+    packed_big.fill(np.nan)  # pack must overwrite every element, padding included
+    pack(w_big, packed_big)
+    packed = packed_big[:, k0 : k0 + k]
+    # rows: a strided row slice of a larger C-contiguous array (row stride > K), or the
+    # transpose of such a slice (stride along K > 1).
+    if transposed:
+        big_rows = rng.standard_normal((k + offset + 2, row_step * m + 3)).astype(dtype)
+        rows = big_rows[offset : offset + k, 1 : 1 + row_step * m : row_step].T
+    else:
+        big_rows = rng.standard_normal((row_step * m + 3, k + offset + 2)).astype(dtype)
+        rows = big_rows[1 : 1 + row_step * m : row_step, offset : offset + k]
     # out: a window of a larger array; everything outside out[:, :n] is a sentinel.
     big_out = np.full((m + 2, offset + n + 5), SENTINEL, dtype)
     out = big_out[1 : 1 + m, offset:]
@@ -129,6 +143,31 @@ def test_exact_on_small_integers(dtype, m, n):
     np.testing.assert_array_equal(out[:, n:], SENTINEL)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 12, 64, 69, 71])
+@pytest.mark.parametrize("n", [1, 31, 33, 100, 129])
+def test_exact_with_transposed_rows_and_sliced_panels(dtype, m, n):
+    """The gradient pass's operands: ``rows = δa_block^T`` (stride along K is a row of
+    ``δa``, stride between rows one element) and a slice ``packed[:, k0:k1]`` of a buffer
+    packed for more rows (panels not adjacent). Exact on small integers, as above."""
+    k, k0 = 37, 11
+    rng = np.random.default_rng(m * 1000 + n)
+    w_big = rng.integers(-8, 9, size=(k0 + k + 5, n)).astype(dtype)
+    packed_big = empty_packed(*w_big.shape, dtype)
+    pack(w_big, packed_big)
+    d_a = rng.integers(-8, 9, size=(k, m + 3)).astype(dtype)
+    rows = d_a[:, 1 : 1 + m].T
+    assert rows.strides == (d_a.itemsize, d_a.strides[0])
+    out = np.full((m, n + 3), SENTINEL, dtype)
+    expected = rows @ w_big[k0 : k0 + k]
+    packed_matmul(rows, packed_big[:, k0 : k0 + k], out, n, False)
+    np.testing.assert_array_equal(out[:, :n], expected)
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
+    packed_matmul(rows, packed_big[:, k0 : k0 + k], out, n, True)
+    np.testing.assert_array_equal(out[:, :n], 2 * expected)
+    np.testing.assert_array_equal(out[:, n:], SENTINEL)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     dtype=st.sampled_from(DTYPES),
@@ -138,11 +177,22 @@ def test_exact_on_small_integers(dtype, m, n):
     row_step=st.integers(1, 3),
     offset=st.integers(0, 3),
     accumulate=st.booleans(),
+    transposed=st.booleans(),
+    k0=st.integers(0, 5),
     seed=st.integers(0, 2**16),
 )
-def test_matches_numpy(dtype, m, k, n, row_step, offset, accumulate, seed):
+def test_matches_numpy(dtype, m, k, n, row_step, offset, accumulate, transposed, k0, seed):
     out, expected, bound = run_case(
-        dtype, m, k, n, row_step=row_step, offset=offset, accumulate=accumulate, seed=seed
+        dtype,
+        m,
+        k,
+        n,
+        row_step=row_step,
+        offset=offset,
+        accumulate=accumulate,
+        transposed=transposed,
+        k0=k0,
+        seed=seed,
     )
     assert np.all(np.abs(out - expected) <= bound)
 
@@ -185,9 +235,15 @@ def test_shape_errors():
         packed_matmul(np.ones((2, 4), np.float32), packed, np.zeros((2, 39), np.float32), 40, False)
     with pytest.raises(ValueError):
         packed_matmul(np.ones((2, 4), np.float32), packed, np.zeros((2, 80), np.float32), 80, False)
-    with pytest.raises(ValueError):  # rows without unit stride along K
-        rows = np.ones((2, 8), np.float32)[:, ::2]
-        packed_matmul(rows, packed, np.zeros((2, 40), np.float32), 40, False)
+    with pytest.raises(ValueError, match="panel"):  # a panel's rows not contiguous
+        wide = empty_packed(8, 40, np.float32)
+        pack(np.ones((8, 40), np.float32), wide)
+        packed_matmul(
+            np.ones((2, 4), np.float32), wide[:, ::2], np.zeros((2, 40), np.float32), 40, False
+        )
+    with pytest.raises(ValueError, match="out"):  # out without unit stride along N
+        out = np.zeros((2, 80), np.float32)[:, ::2]
+        packed_matmul(np.ones((2, 4), np.float32), packed, out, 40, False)
     rows, out = np.ones((2, 4), np.float32), np.zeros((2, 40), np.float32)
     with pytest.raises(ValueError, match="bias"):  # too short
         packed_matmul(rows, packed, out, 40, False, np.ones(39, np.float32))

@@ -16,6 +16,7 @@ import functools
 import os
 import threading
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +36,15 @@ from ..gates import (
     use_gate_ltm_stm,
 )
 from . import _layout
-from ._packed import empty_packed, pack, packed_matmul, packed_shape, wide_vectors
+from ._packed import (
+    aligned_empty,
+    empty_packed,
+    pack,
+    packed_matmul,
+    packed_shape,
+    panel_width,
+    wide_vectors,
+)
 
 name = "cpu"
 
@@ -112,6 +121,13 @@ def _blas_libraries():
 
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
+
+#: The array namespace of the CPU's buffers (:func:`._layout.allocate`): every array starts
+#: on a cache line, where NumPy starts a large one 16 bytes past a page. Each 64-byte load
+#: of a row then touches one line instead of two, and the threads' blocks of sequences
+#: share no line when a row fills whole lines. Float32, (T, B, I, H) = (200, 16, 32, 64),
+#: inference on 2 threads: 987 -> 797 us; on 1 thread with B = 8: 777 -> 679 us.
+ALIGNED = SimpleNamespace(empty=aligned_empty)
 
 #: Steps per input-projection GEMM in inference, where nothing is saved: bounds the memory
 #: of the gate buffer by ``INFERENCE_CHUNK * B * 4H`` whatever the sequence length.
@@ -635,6 +651,71 @@ def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bia
     _sum_parts(part_bias, d_bias)
 
 
+#: Rows of ``δa`` per block of :func:`_gradient_gemms_packed`: the block (``128 x 4H``, 512
+#: KB at float32 and H = 256) stays in L2 from the product ``δa W_ih`` on to the weight
+#: gradients. 128 was best or within 2 % of best from H = 64 to 256 (64 to 512 rows tried).
+GRADIENT_BLOCK_ROWS = 128
+#: :func:`_gradient_gemms_packed` is used while a thread's partial ``δW_ih`` and ``δW_hh``
+#: (``4H x (I + P)``) fit in this many bytes. Beyond, the partials stream through L3 at
+#: every block and BLAS's own blocking wins. ``python bench/gradients.py`` (time of the
+#: packed way over BLAS's; T, B, I, H; partials): float32 50, 16, 32, 64, 96 KB: 0.77-0.79;
+#: 100, 32, 64, 128, 384 KB: 0.80-0.82; 100, 32, 128, 256, 1.5 MB: 0.85-0.88;
+#: 100, 64, 256, 256, 2 MB: 0.88-0.90; 200, 8, 128, 512, 5 MB: 0.97-1.02;
+#: 50, 16, 256, 1024, 20 MB: 1.09-1.14. float64 100, 32, 64, 128, 768 KB: 0.72-0.78;
+#: 100, 64, 256, 256, 4 MB: 0.91-0.94.
+PACKED_GRADIENT_MAX_BYTES = 1 << 22
+
+
+def _packed_gradients(hidden, n_inputs, n_out, dtype):
+    """Whether the gradient GEMMs of a layer go to :func:`_gradient_gemms_packed`."""
+    return 4 * hidden * (n_inputs + n_out) * np.dtype(dtype).itemsize <= PACKED_GRADIENT_MAX_BYTES
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gradient_gemms_packed(
+    d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
+):
+    """:func:`_gradient_gemms` with the packed micro-kernel instead of BLAS.
+
+    Each thread takes its block of rows (steps and sequences) in blocks of
+    ``GRADIENT_BLOCK_ROWS``: it computes that block's ``δx = δa W_ih``, packs the block's
+    rows of ``x`` and of ``h_{t-1}`` into ``scratch`` and adds ``δa^T x`` and
+    ``δa^T h_{t-1}`` to its partial weight gradients, so that each block of ``δa`` is read
+    from memory once, for all four products. The arguments are those of
+    :func:`_gradient_gemms` and:
+
+    Parameters
+    ----------
+    scratch : (threads, ceil(I / NR) + ceil(P / NR), GRADIENT_BLOCK_ROWS, NR) array
+        Work space for the packed blocks, one per thread (64-byte aligned).
+    """
+    rows = d_a.shape[0]
+    n_inputs, n_out = inputs.shape[1], h_prev.shape[1]
+    block_rows = scratch.shape[2]
+    input_panels = -(-n_inputs // scratch.shape[3])
+    blocks = _blocks(rows, threads)
+    part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
+    part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
+    part_bias = np.zeros((blocks, d_bias.shape[0]), d_a.dtype)
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, rows)
+        for r0 in range(lo, hi, block_rows):
+            r1 = min(r0 + block_rows, hi)
+            d_a_block = d_a[r0:r1]
+            packed_matmul(d_a_block, w_ih_packed, d_x[r0:r1], n_inputs, False)
+            x_packed = scratch[k, :input_panels, : r1 - r0]
+            h_packed = scratch[k, input_panels:, : r1 - r0]
+            pack(inputs[r0:r1], x_packed)
+            pack(h_prev[r0:r1], h_packed)
+            packed_matmul(d_a_block.T, x_packed, part_w_ih[k], n_inputs, r0 > lo)
+            packed_matmul(d_a_block.T, h_packed, part_w_hh[k], n_out, r0 > lo)
+            for row in range(r0, r1):
+                part_bias[k] += d_a[row]
+    _sum_parts(part_w_ih, d_w_ih)
+    _sum_parts(part_w_hh, d_w_hh)
+    _sum_parts(part_bias, d_bias)
+
+
 @implements("d-projection-weights", backend="cpu")
 @njit(cache=True, nogil=True, parallel=True)
 def projection_weight_gradient(d_hs, r_seq, d_w_hr, threads):
@@ -695,6 +776,7 @@ def backward_kernel(
     d_w_hh,
     d_bias,
     steps_done,
+    scratch,
     threads,
 ):
     """Backward time loop of one layer and one direction, then the gradient GEMMs.
@@ -733,6 +815,9 @@ def backward_kernel(
     steps_done : bool
         The time loop already ran (:func:`backward_steps_by_units`): ``d_gates``, ``d_h``
         and ``d_c`` hold its results, and only the gradient GEMMs are left.
+    scratch : array or None
+        The work space of :func:`_gradient_gemms_packed`, which then computes the gradient
+        GEMMs; None for :func:`_gradient_gemms` (BLAS).
     threads : int
         Numba threads to split the work over.
     """
@@ -806,7 +891,7 @@ def backward_kernel(
                     d_h[b] = d_h_recurrent[b]
 
     h_prev = h_seq[1:] if reverse else h_seq[:steps_total]
-    _gradient_gemms(
+    gemm_args = (
         d_gates.reshape(-1, 4 * hidden),
         x.reshape(-1, n_inputs),
         h_prev.reshape(-1, n_out),
@@ -815,8 +900,11 @@ def backward_kernel(
         d_w_ih,
         d_w_hh,
         d_bias,
-        threads,
     )
+    if scratch is None:
+        _gradient_gemms(*gemm_args, threads)
+    else:
+        _gradient_gemms_packed(*gemm_args, scratch, threads)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -923,7 +1011,8 @@ def _pack_blocks(matrices):
     ``[k]`` (the panels past a narrower block's stay zero)."""
     k_count, dtype = matrices[0].shape[0], matrices[0].dtype
     widest = max(m.shape[1] for m in matrices)
-    packed = np.zeros((len(matrices), *packed_shape(k_count, widest, dtype)), dtype)
+    packed = aligned_empty((len(matrices), *packed_shape(k_count, widest, dtype)), dtype)
+    packed.fill(0)
     for k, matrix in enumerate(matrices):
         pack(matrix, packed[k, : packed_shape(*matrix.shape, dtype)[0]])
     return packed
@@ -989,7 +1078,7 @@ def layer_forward(
     w_u_t = None if w_u is None else np.ascontiguousarray(w_u.T)
     standard = w_hr is None and peephole is None and w_u is None
     gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, first, last = _layout.allocate(
-        np,
+        ALIGNED,
         x,
         hidden,
         n_out,
@@ -1089,10 +1178,10 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     use_layer = tape.w_u is not None
     d_h = np.array(d_h_n, dtype, copy=True)
     d_c = np.array(d_c_n, dtype, copy=True)
-    d_gates = np.empty(tape.gates.shape, dtype)
-    d_hs = np.empty((len(x) if projecting else 0, *d_h.shape), dtype)
-    d_u = np.empty(tape.u_seq.shape, dtype)
-    d_x = np.empty(x.shape, dtype)
+    d_gates = aligned_empty(tape.gates.shape, dtype)
+    d_hs = aligned_empty((len(x) if projecting else 0, *d_h.shape), dtype)
+    d_u = aligned_empty(tape.u_seq.shape, dtype)
+    d_x = aligned_empty(x.shape, dtype)
     d_w_ih = np.empty(w_ih.shape, dtype)
     d_w_hh = np.empty(w_hh.shape, dtype)
     d_bias = np.empty(w_ih.shape[0], dtype)
@@ -1100,8 +1189,14 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     pack(w_ih, w_ih_packed)
     threads = get_num_threads()
     hidden = w_hh.shape[0] // 4
+    n_inputs, n_out = w_ih.shape[1], w_hh.shape[1]
     standard = not (projecting or peepholes or use_layer)
     by_units = standard and _split_by_units(len(tape.lengths), hidden, w_hh.nbytes, threads)
+    scratch = None
+    if _packed_gradients(hidden, n_inputs, n_out, dtype):
+        nr = panel_width(dtype)
+        panels = -(-n_inputs // nr) + -(-n_out // nr)
+        scratch = aligned_empty((threads, panels, GRADIENT_BLOCK_ROWS, nr), dtype)
     if by_units:
         w_hh_units = _unit_blocks_backward(w_hh, threads)
         backward_steps_by_units(
@@ -1111,7 +1206,9 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     else:
         w_hh_packed = empty_packed(*w_hh.shape, dtype)
         pack(w_hh, w_hh_packed)
-    with single_threaded_blas():
+    # BLAS runs inside the kernel for the cell variants' per-step products and for the
+    # gradient GEMMs without scratch; limiting its threads costs about 4 us.
+    with single_threaded_blas() if scratch is None or not standard else nullcontext():
         backward_kernel(
             x,
             w_ih_packed,
@@ -1138,6 +1235,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
             d_w_hh,
             d_bias,
             by_units,
+            scratch,
             threads,
         )
     d_w_hr = d_peephole = d_w_u = d_b_u = None
