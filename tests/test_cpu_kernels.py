@@ -166,3 +166,33 @@ def test_buffers_start_on_a_cache_line():
         ("unit blocks", cpu._unit_blocks_forward(w_hh, 2)),
     ]:
         assert array.ctypes.data % 64 == 0, name
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_stacked_weights_equal_a_projection_pass(monkeypatch, dtype):
+    """Small layers multiply ``[x_t, h_{t-1}]`` by the stacked ``[W_ih^T; W_hh^T]`` at each
+    step (``STACKED_WEIGHTS_MAX_BYTES``) instead of running a projection pass first; forced
+    both ways on the same model, training and inference must agree."""
+    monkeypatch.setattr(cpu, "STACKED_WEIGHTS_MAX_BYTES", 0)
+    with_pass = _run(dtype)
+    monkeypatch.setattr(cpu, "STACKED_WEIGHTS_MAX_BYTES", 1 << 40)
+    packed_shapes = []
+    original = cpu.empty_packed
+    monkeypatch.setattr(
+        cpu, "empty_packed", lambda *shape: packed_shapes.append(shape) or original(*shape)
+    )
+    stacked = _run(dtype)
+    # 2 layers x 2 directions x 3 forward passes pack [W_ih^T; W_hh^T] (inputs 4, then 22),
+    # and nothing packs W_ih^T or W_hh^T (4 or 11 rows) alone for a forward pass.
+    forward_packs = sorted(shape[:2] for shape in packed_shapes if shape[1] == 4 * 11)
+    assert forward_packs == [(4 + 11, 44)] * 6 + [(22 + 11, 44)] * 6
+    for name, expected in with_pass.items():
+        # The same products; the input term and the bias are summed into the gate rows in
+        # another order.
+        assert_close(
+            stacked[name],
+            expected,
+            rtol=1e-12 if dtype == "float64" else None,
+            dtype=dtype,
+            name=name,
+        )
