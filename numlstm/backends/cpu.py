@@ -653,6 +653,7 @@ def _sum_parts(parts, total):
             flat_total[j] += flat_parts[k, j]
 
 
+@implements("d-input", "d-weights", backend="cpu")
 @njit(cache=True, nogil=True, parallel=True)
 def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, threads):
     """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
@@ -698,6 +699,7 @@ def _packed_gradients(hidden, n_inputs, n_out, dtype):
     return 4 * hidden * (n_inputs + n_out) * np.dtype(dtype).itemsize <= PACKED_GRADIENT_MAX_BYTES
 
 
+@implements("d-input", "d-weights", backend="cpu")
 @njit(cache=True, nogil=True, parallel=True)
 def _gradient_gemms_packed(
     d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
@@ -766,8 +768,6 @@ def projection_weight_gradient(d_hs, r_seq, d_w_hr, threads):
     "d-forget-gate",
     "d-cell-candidate",
     "d-initial-state",
-    "d-input",
-    "d-weights",
     "d-peephole-cell",
     "d-use-gate",
     "d-use-layer",
@@ -779,7 +779,6 @@ def projection_weight_gradient(d_hs, r_seq, d_w_hr, threads):
 @njit(cache=True, nogil=True, parallel=True)
 def backward_kernel(
     x,
-    w_ih_packed,
     w_hh_packed,
     w_hr,
     peephole,
@@ -798,29 +797,24 @@ def backward_kernel(
     d_gates,
     d_hs,
     d_u,
-    d_x,
-    d_w_ih,
-    d_w_hh,
-    d_bias,
-    steps_done,
-    scratch,
     threads,
 ):
-    """Backward time loop of one layer and one direction, then the gradient GEMMs.
+    """Backward time loop of one layer and one direction.
 
     Shapes and the other arguments up to ``u_seq`` are those of :func:`forward_kernel`
     (with the weights untransposed), as saved by a forward pass with ``C == T``,
     ``S == T + 1`` and ``R == T`` (with projection or the LTM/STM cell). The time loop runs
-    on blocks of sequences in parallel, like the forward one. The weight gradients of the
-    projection and of the cell variants are left to :func:`projection_weight_gradient` and
+    on blocks of sequences in parallel, like the forward one. The sums over all steps, the
+    input and weight gradients, are left to :func:`_gradient_gemms` (or
+    :func:`_gradient_gemms_packed`), :func:`projection_weight_gradient` and
     :func:`cell_weight_gradients`. ``w_hr``, ``peephole`` and ``w_u`` are None for a cell
     that lacks them, as in :func:`forward_kernel`.
 
     Parameters
     ----------
-    w_ih_packed, w_hh_packed : arrays
-        ``W_ih`` and ``W_hh`` (``4H x I`` and ``4H x P``) packed by :func:`._packed.pack`,
-        for the products ``δa_t W_hh`` at every step and ``δa W_ih`` after the loop.
+    w_hh_packed : array
+        ``W_hh`` (``4H x P``) packed by :func:`._packed.pack`, for the product
+        ``δa_t W_hh`` at every step.
     d_y : (T, B, P) array
         Gradient at the output; ignored at padded steps.
     d_h : (B, P) array, in/out
@@ -834,27 +828,16 @@ def backward_kernel(
         without projection.
     d_u : (T, B, H) array, out
         The LTM/STM cell's ``δa^u_t``; ``(0, B, H)`` for another cell.
-    d_x : (T, B, I) array, out
-        Gradient at the input.
-    d_w_ih, d_w_hh, d_bias : arrays, out
-        Gradients of the weights (shapes as the weights); ``d_bias`` is the gradient of
-        ``b_ih`` and of ``b_hh`` alike.
-    steps_done : bool
-        The time loop already ran (:func:`backward_steps_by_units`): ``d_gates``, ``d_h``
-        and ``d_c`` hold its results, and only the gradient GEMMs are left.
-    scratch : array or None
-        The work space of :func:`_gradient_gemms_packed`, which then computes the gradient
-        GEMMs; None for :func:`_gradient_gemms` (BLAS).
     threads : int
         Numba threads to split the work over.
     """
-    steps_total, batch, n_inputs = x.shape
+    steps_total, batch = x.shape[0], x.shape[1]
     hidden = c_seq.shape[2]
     n_out = h_seq.shape[2]
     d_r = d_h if w_hr is None else np.empty((batch, hidden), x.dtype)
     d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
-    blocks = 0 if steps_done else _blocks(batch, threads)
+    blocks = _blocks(batch, threads)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, batch)
         times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
@@ -916,22 +899,6 @@ def backward_kernel(
             for b in range(lo, hi):
                 if t < lengths[b]:
                     d_h[b] = d_h_recurrent[b]
-
-    h_prev = h_seq[1:] if reverse else h_seq[:steps_total]
-    gemm_args = (
-        d_gates.reshape(-1, 4 * hidden),
-        x.reshape(-1, n_inputs),
-        h_prev.reshape(-1, n_out),
-        w_ih_packed,
-        d_x.reshape(-1, n_inputs),
-        d_w_ih,
-        d_w_hh,
-        d_bias,
-    )
-    if scratch is None:
-        _gradient_gemms(*gemm_args, threads)
-    else:
-        _gradient_gemms_packed(*gemm_args, scratch, threads)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -1234,52 +1201,58 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     n_inputs, n_out = w_ih.shape[1], w_hh.shape[1]
     standard = not (projecting or peepholes or use_layer)
     by_units = standard and _split_by_units(len(tape.lengths), hidden, w_hh.nbytes, threads)
-    scratch = None
-    if _packed_gradients(hidden, n_inputs, n_out, dtype):
-        nr = panel_width(dtype)
-        panels = -(-n_inputs // nr) + -(-n_out // nr)
-        scratch = aligned_empty((threads, panels, GRADIENT_BLOCK_ROWS, nr), dtype)
     if by_units:
         w_hh_units = _unit_blocks_backward(w_hh, threads)
         backward_steps_by_units(
             tape.reverse, tape.gates, tape.c_seq, w_hh_units, tape.lengths, d_y, d_h, d_c, d_gates
         )
-        w_hh_packed = np.empty((0, *packed_shape(*w_hh.shape, dtype)[1:]), dtype)  # unused
     else:
         w_hh_packed = empty_packed(*w_hh.shape, dtype)
         pack(w_hh, w_hh_packed)
-    # BLAS runs inside the kernel for the cell variants' per-step products and for the
-    # gradient GEMMs without scratch; limiting its threads costs about 4 us.
-    with single_threaded_blas() if scratch is None or not standard else nullcontext():
-        backward_kernel(
-            x,
-            w_ih_packed,
-            w_hh_packed,
-            w_hr,
-            tape.peephole,
-            tape.w_u,
-            tape.lengths,
-            tape.reverse,
-            tape.gates,
-            tape.c_seq,
-            tape.h_seq,
-            tape.r_seq,
-            tape.m_seq,
-            tape.u_seq,
-            d_y,
-            d_h,
-            d_c,
-            d_gates,
-            d_hs,
-            d_u,
-            d_x,
-            d_w_ih,
-            d_w_hh,
-            d_bias,
-            by_units,
-            scratch,
-            threads,
-        )
+        # Only the projection's and the use layer's per-step products call BLAS.
+        with single_threaded_blas() if not standard else nullcontext():
+            backward_kernel(
+                x,
+                w_hh_packed,
+                w_hr,
+                tape.peephole,
+                tape.w_u,
+                tape.lengths,
+                tape.reverse,
+                tape.gates,
+                tape.c_seq,
+                tape.h_seq,
+                tape.r_seq,
+                tape.m_seq,
+                tape.u_seq,
+                d_y,
+                d_h,
+                d_c,
+                d_gates,
+                d_hs,
+                d_u,
+                threads,
+            )
+    steps = len(x)
+    h_prev = tape.h_seq[1:] if tape.reverse else tape.h_seq[:steps]
+    gemm_args = (
+        d_gates.reshape(-1, 4 * hidden),
+        x.reshape(-1, n_inputs),
+        h_prev.reshape(-1, n_out),
+        w_ih_packed,
+        d_x.reshape(-1, n_inputs),
+        d_w_ih,
+        d_w_hh,
+        d_bias,
+    )
+    if _packed_gradients(hidden, n_inputs, n_out, dtype):
+        nr = panel_width(dtype)
+        panels = -(-n_inputs // nr) + -(-n_out // nr)
+        scratch = aligned_empty((threads, panels, GRADIENT_BLOCK_ROWS, nr), dtype)
+        _gradient_gemms_packed(*gemm_args, scratch, threads)
+    else:
+        with single_threaded_blas():
+            _gradient_gemms(*gemm_args, threads)
     d_w_hr = d_peephole = d_w_u = d_b_u = None
     if projecting:
         d_w_hr = np.empty(w_hr.shape, dtype)
@@ -1288,7 +1261,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
                 d_hs.reshape(-1, w_hr.shape[0]), tape.r_seq.reshape(-1, hidden), d_w_hr, threads
             )
     if peepholes or use_layer:
-        steps, c_seq = len(x), tape.c_seq
+        c_seq = tape.c_seq
         c_prev = c_seq[1:] if tape.reverse else c_seq[:steps]
         c_cur = c_seq[:steps] if tape.reverse else c_seq[1:]
         # cell_weight_gradients skips the part of an empty array.
