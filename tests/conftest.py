@@ -56,8 +56,8 @@ def central_differences(evaluate, array):
     return grad
 
 
-def assert_close(actual, expected, dtype=None, rtol=None, name="array"):
-    """Assert ``|actual - expected| <= rtol * max|expected|`` element-wise.
+def assert_close(actual, expected, dtype=None, rtol=None, name="array", atol=0.0):
+    """Assert ``|actual - expected| <= rtol * max|expected| + atol`` element-wise.
 
     ``rtol`` defaults to :data:`TOLERANCE` for ``dtype`` (or ``expected``'s dtype).
     """
@@ -68,8 +68,8 @@ def assert_close(actual, expected, dtype=None, rtol=None, name="array"):
         rtol = TOLERANCE[np.dtype(dtype if dtype is not None else expected.dtype)]
     scale = float(np.max(np.abs(expected), initial=0.0))
     error = float(np.max(np.abs(actual.astype(np.float64) - expected), initial=0.0))
-    assert error <= rtol * max(scale, np.finfo(np.float64).tiny), (
-        f"{name}: max error {error:.3g} exceeds {rtol:g} x max magnitude {scale:.3g}"
+    assert error <= rtol * max(scale, np.finfo(np.float64).tiny) + atol, (
+        f"{name}: max error {error:.3g} exceeds {rtol:g} x max magnitude {scale:.3g} + {atol:g}"
     )
 
 
