@@ -196,3 +196,27 @@ def test_stacked_weights_equal_a_projection_pass(monkeypatch, dtype):
             dtype=dtype,
             name=name,
         )
+
+
+def test_inference_chunk_shrinks_to_the_gate_byte_budget(monkeypatch):
+    """A large batch gets fewer steps per inference chunk (``INFERENCE_GATE_BYTES``), so
+    that the gate buffer stays under glibc's threshold for fresh mappings; the results do
+    not change."""
+    model = numlstm.LSTM(3, 8, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((9, 5, 3))
+    with numlstm.no_grad():
+        expected, (h_n, c_n) = model(x)
+        step_bytes = 5 * 4 * 8 * 8
+        monkeypatch.setattr(cpu, "INFERENCE_GATE_BYTES", 2 * step_bytes + step_bytes // 2)
+        chunks = []
+        original = cpu._layout.allocate
+        monkeypatch.setattr(
+            cpu._layout,
+            "allocate",
+            lambda *args, **kwargs: chunks.append(kwargs["chunk"]) or original(*args, **kwargs),
+        )
+        output, (h_n_2, c_n_2) = model(x)
+    assert chunks == [2]
+    np.testing.assert_array_equal(output, expected)
+    np.testing.assert_array_equal(h_n_2, h_n)
+    np.testing.assert_array_equal(c_n_2, c_n)
