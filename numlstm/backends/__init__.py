@@ -13,6 +13,7 @@ used, so ``import numlstm`` works without numba-cuda or a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import NamedTuple
@@ -127,6 +128,11 @@ def is_cuda_array(array):
     return hasattr(array, "__cuda_array_interface__")
 
 
+@functools.cache
+def _cpu_module():
+    return importlib.import_module(f"{__name__}.cpu")
+
+
 def resolve(backend, arrays=()):
     """The backend module for a request.
 
@@ -155,7 +161,7 @@ def resolve(backend, arrays=()):
     if name == "auto":
         name = "cuda" if any(is_cuda_array(a) for a in arrays) else "cpu"
     if name == "cpu":  # always available: keep every call's path short
-        return importlib.import_module(f"{__name__}.cpu")
+        return _cpu_module()
     status = _STATUS[name]()
     if not status.available:
         raise BackendUnavailableError(f"the {name!r} backend is not available: {status.reason}")

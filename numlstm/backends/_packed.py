@@ -140,9 +140,10 @@ def aligned_empty(shape, dtype):
     """
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
+    if size == 0:  # nothing to align (the buffers a cell does not use)
+        return np.empty(shape, dtype)
     raw = np.empty(size + VECTOR_BYTES, dtype=np.uint8)
-    start = -raw.ctypes.data % VECTOR_BYTES
-    return raw[start : start + size].view(dtype).reshape(shape)
+    return np.ndarray(shape, dtype, raw, -raw.ctypes.data % VECTOR_BYTES)
 
 
 def empty_packed(k, n, dtype):
@@ -488,7 +489,9 @@ def packed_matmul(rows, packed, out, n, accumulate, bias=None):
         raise ValueError("packed_matmul: shapes do not match")
     if panels * nr < n or nr * itemsize != 128:
         raise ValueError("packed_matmul: packed does not hold n columns")
-    if packed.strides[2] != itemsize or (k_count > 1 and packed.strides[1] != nr * itemsize):
+    if k_count > 0 and (
+        packed.strides[2] != itemsize or (k_count > 1 and packed.strides[1] != nr * itemsize)
+    ):
         raise ValueError("packed_matmul: each panel of packed needs contiguous rows")
     if n > 1 and out.strides[1] != itemsize:
         raise ValueError("packed_matmul: out needs unit stride along its columns")
