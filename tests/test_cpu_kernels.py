@@ -79,6 +79,15 @@ def _run(dtype):
     return results
 
 
+def _assert_same_results(actual, expected, dtype):
+    """Every result of :func:`_run` agrees: the same products, summed in another order or
+    blocking (float64 to 1e-12 of the largest magnitude, float32 to the usual tolerance)."""
+    for name, value in expected.items():
+        assert_close(
+            actual[name], value, rtol=1e-12 if dtype == "float64" else None, dtype=dtype, name=name
+        )
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("blocks", [2, 3])
 def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch, blocks, dtype):
@@ -101,15 +110,7 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
 
     # 2 layers x 2 directions, for 3 forward passes (training, 2 inference) and 1 backward.
     assert packed.count(blocks) == 4 * 2 * 2
-    for name, expected in by_sequences.items():
-        # float64: the same sums, in the same order, up to the micro-kernel's blocking.
-        assert_close(
-            by_units[name],
-            expected,
-            rtol=1e-12 if dtype == "float64" else None,
-            dtype=dtype,
-            name=name,
-        )
+    _assert_same_results(by_units, by_sequences, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -132,15 +133,7 @@ def test_packed_gradient_gemms_equal_blas(monkeypatch, block_rows, dtype):
     monkeypatch.setattr(cpu, "GRADIENT_BLOCK_ROWS", block_rows)
     by_blocks = _run(dtype)
     assert chosen[4:] == [True] * 4
-    for name, expected in by_blas.items():
-        # The same products; only the order of the sums over rows differs.
-        assert_close(
-            by_blocks[name],
-            expected,
-            rtol=1e-12 if dtype == "float64" else None,
-            dtype=dtype,
-            name=name,
-        )
+    _assert_same_results(by_blocks, by_blas, dtype)
 
 
 def test_buffers_start_on_a_cache_line():
@@ -186,16 +179,7 @@ def test_stacked_weights_equal_a_projection_pass(monkeypatch, dtype):
     # and nothing packs W_ih^T or W_hh^T (4 or 11 rows) alone for a forward pass.
     forward_packs = sorted(shape[:2] for shape in packed_shapes if shape[1] == 4 * 11)
     assert forward_packs == [(4 + 11, 44)] * 6 + [(22 + 11, 44)] * 6
-    for name, expected in with_pass.items():
-        # The same products; the input term and the bias are summed into the gate rows in
-        # another order.
-        assert_close(
-            stacked[name],
-            expected,
-            rtol=1e-12 if dtype == "float64" else None,
-            dtype=dtype,
-            name=name,
-        )
+    _assert_same_results(stacked, with_pass, dtype)
 
 
 def test_inference_chunk_shrinks_to_the_gate_byte_budget(monkeypatch):

@@ -423,7 +423,7 @@ def forward_kernel(
     bias : (4H,) array
         ``b_ih + b_hh`` (zeros without bias), added by the input projection; the recurrent
         product then accumulates into the same gate rows, so that the gate loop reads one
-        row per sequence.
+        row per sequence. With stacked weights, each step's product adds it.
     w_hr_t : (H, P) array or None
         Projection weights, transposed; None without projection.
     peephole : (3, H) array or None
