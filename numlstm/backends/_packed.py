@@ -329,7 +329,7 @@ def _make_kernel(mr, panels):
 
             # With accumulate, the block of out is read after the k loop: fetch it now, so
             # that the loop hides the wait where out is not in cache (the gradient pass's
-            # partial weight gradients beyond L2: float32, H = 512, 1.02-1.10 -> 0.97-0.99
+            # partial weight gradients beyond L2: float32, H = 512, 1.02-1.10 -> 0.97-1.02
             # of BLAS's time; no change in the forward pass, in-process A/B).
             out_ptrs = [
                 cgutils.pointer_add(
