@@ -699,9 +699,15 @@ GRADIENT_BLOCK_ROWS = 128
 PACKED_GRADIENT_MAX_BYTES = 1 << 22
 
 
+def _weight_bytes(hidden, n_inputs, n_out, dtype):
+    """Bytes of ``W_ih`` and ``W_hh`` together (``4H x (I + P)``): the size of the stacked
+    weights of the forward pass and of a thread's partial weight gradients."""
+    return 4 * hidden * (n_inputs + n_out) * np.dtype(dtype).itemsize
+
+
 def _packed_gradients(hidden, n_inputs, n_out, dtype):
     """Whether the gradient GEMMs of a layer go to :func:`_gradient_gemms_packed`."""
-    return 4 * hidden * (n_inputs + n_out) * np.dtype(dtype).itemsize <= PACKED_GRADIENT_MAX_BYTES
+    return _weight_bytes(hidden, n_inputs, n_out, dtype) <= PACKED_GRADIENT_MAX_BYTES
 
 
 @implements("d-input", "d-weights", backend="cpu")
@@ -1095,10 +1101,9 @@ def layer_forward(
     threads = get_num_threads()
     by_units = standard and _split_by_units(len(lengths), hidden, w_hh.nbytes, threads)
     n_inputs = w_ih.shape[1]
-    stacked_bytes = (n_inputs + n_out) * 4 * hidden * x.itemsize
     stacked = (
         not by_units
-        and stacked_bytes <= STACKED_WEIGHTS_MAX_BYTES
+        and _weight_bytes(hidden, n_inputs, n_out, dtype) <= STACKED_WEIGHTS_MAX_BYTES
         and len(lengths) >= threads  # else the projection pass is what uses every thread
     )
     if stacked:
