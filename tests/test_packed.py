@@ -110,6 +110,32 @@ def test_pack_layout_and_zero_padding(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["rows", "transposed", "strided"])
+@pytest.mark.parametrize("k", [1, 5, 8, 13, 37])
+def test_pack_reads_every_layout_of_w(dtype, layout, k):
+    """Contiguous rows (copied a panel row at a time), a transpose (in tiles of 8 rows of
+    ``k`` and the rest) and a strided view, into a slice of a larger packed buffer."""
+    nr = panel_width(dtype)
+    n = 2 * nr + 5
+    big = np.arange(3 * k * n, dtype=dtype).reshape(3 * k, n) + 1
+    w = {
+        "rows": big[:k],
+        "transposed": np.ascontiguousarray(big[:k].T).T,
+        "strided": big[: 3 * k : 3],
+    }[layout]
+    assert w.shape == (k, n)
+    packed_big = np.full(packed_shape(k + 4, n, dtype), np.nan, dtype)
+    pack(w, packed_big[:, 2 : 2 + k])
+    for p in range(packed_big.shape[0]):
+        width = min(nr, n - p * nr)
+        np.testing.assert_array_equal(
+            packed_big[p, 2 : 2 + k, :width], w[:, p * nr : p * nr + width]
+        )
+        np.testing.assert_array_equal(packed_big[p, 2 : 2 + k, width:], 0)
+    assert np.isnan(packed_big[:, :2]).all() and np.isnan(packed_big[:, 2 + k :]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 31, 32, 33, 64, 69, 71])
 @pytest.mark.parametrize("n", [1, 5, 16, 31, 32, 33, 64, 100, 128, 129, 256, 300])
 def test_exact_on_small_integers(dtype, m, n):

@@ -143,7 +143,15 @@ def aligned_empty(shape, dtype):
     if size == 0:  # nothing to align (the buffers a cell does not use)
         return np.empty(shape, dtype)
     raw = np.empty(size + VECTOR_BYTES, dtype=np.uint8)
-    return np.ndarray(shape, dtype, raw, -raw.ctypes.data % VECTOR_BYTES)
+    return np.ndarray(shape, dtype, raw, -_address(raw) % VECTOR_BYTES)
+
+
+@njit(cache=True, nogil=True)
+def _address(array):
+    """The address of ``array``'s first element: 0.18 us compiled, against 0.8 us for
+    ``array.ctypes.data`` (``aligned_empty`` 1.6 -> 0.85 us; a layer's call allocates up to
+    12 aligned buffers, forward and backward)."""
+    return array.ctypes.data
 
 
 def empty_packed(k, n, dtype):
@@ -164,7 +172,7 @@ def empty_packed(k, n, dtype):
     return aligned_empty(packed_shape(k, n, dtype), dtype)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def pack(w, packed):
     """Copy ``w`` (``K x N``) into panels: ``packed[p, k, j] = w[k, p * NR + j]``.
 
@@ -175,19 +183,51 @@ def pack(w, packed):
     packed : ndarray, shape (ceil(N / NR), K, NR)
         Output, e.g. from :func:`empty_packed`, or a slice ``buffer[:, :K]`` of a larger
         one; columns past ``N`` in the last panel are set to zero.
+
+    Notes
+    -----
+    Full panels are copied by whole rows of ``NR`` values, a constant, so that LLVM turns
+    each into two vector moves where ``w``'s rows are contiguous (``W_ih``, ``W_hh`` for
+    the backward pass: 1.9 -> 0.7 us for a 256 x 32 float32 weight), and in tiles of 8
+    rows of ``k`` where they are not (the forward pass's ``W^T``, read along the columns
+    of ``W``: 2.8 -> 2.4 us for 32 x 256). The ragged last panel goes value by value.
     """
     k_count, n = w.shape
     panels, _, nr = packed.shape
     if packed.shape[1] != k_count or panels * nr < n or (panels - 1) * nr >= max(n, 1):
         raise ValueError("pack: packed has the wrong shape for w")
-    for p in range(panels):
+    if nr != PANEL_VECTORS * VECTOR_BYTES // packed.itemsize:
+        raise ValueError("pack: packed's panels are not NR values wide")
+    full_panels = n // (PANEL_VECTORS * VECTOR_BYTES // packed.itemsize)
+    if w.strides[1] == w.itemsize:
+        for p in range(full_panels):
+            for k in range(k_count):
+                _copy_panel_row(w[k, p * nr : (p + 1) * nr], packed[p, k])
+    else:
+        for p in range(full_panels):
+            k0 = 0
+            while k0 + 8 <= k_count:
+                for j in range(PANEL_VECTORS * VECTOR_BYTES // packed.itemsize):
+                    for k in range(k0, k0 + 8):
+                        packed[p, k, j] = w[k, p * nr + j]
+                k0 += 8
+            for k in range(k0, k_count):
+                _copy_panel_row(w[k, p * nr : (p + 1) * nr], packed[p, k])
+    for p in range(full_panels, panels):
         j0 = p * nr
-        width = min(nr, n - j0)
+        width = n - j0
         for k in range(k_count):
             for j in range(width):
                 packed[p, k, j] = w[k, j0 + j]
             for j in range(width, nr):
                 packed[p, k, j] = 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _copy_panel_row(source, row):
+    """``row[:] = source[:NR]``, with ``NR`` known when compiled (from the dtype)."""
+    for j in range(PANEL_VECTORS * VECTOR_BYTES // row.itemsize):
+        row[j] = source[j]
 
 
 def _make_kernel(mr, panels):

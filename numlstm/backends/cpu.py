@@ -643,6 +643,28 @@ def backward_steps_by_units(reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h
 
 
 @njit(cache=True, nogil=True)
+def _zero(array):
+    """``array[...] = 0`` for the threads' partial sums. In a ``parallel=True`` function,
+    ``np.zeros`` is a parallel region of its own (a fork and join of the threads for a few
+    KB); each thread zeroes its own part through this call instead."""
+    array.fill(0)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _add_rows(rows, total):
+    """``total += rows.sum(axis=0)`` for a C-contiguous block of rows, one row at a time.
+
+    A plain loop: the array expression ``total += rows[r]`` per row took 6x longer (12.5
+    against 2.0 us for 128 rows of 256 float32), a fifth of the time of the gradient GEMMs
+    at H = 64.
+    """
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        for j in range(total.shape[0]):
+            total[j] += row[j]
+
+
+@njit(cache=True, nogil=True)
 def _sum_parts(parts, total):
     """``total[...] = parts.sum(axis=0)`` for the threads' partial sums, C-contiguous.
 
@@ -671,14 +693,14 @@ def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bia
     blocks = _blocks(rows, threads)
     part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
     part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
-    part_bias = np.zeros((blocks, d_bias.shape[0]), d_a.dtype)
+    part_bias = np.empty((blocks, d_bias.shape[0]), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
+        _zero(part_bias[k])
         packed_matmul(d_a[lo:hi], w_ih_packed, d_x[lo:hi], d_x.shape[1], False)
         np.dot(d_a[lo:hi].T, inputs[lo:hi], part_w_ih[k])
         np.dot(d_a[lo:hi].T, h_prev[lo:hi], part_w_hh[k])
-        for row in range(lo, hi):
-            part_bias[k] += d_a[row]
+        _add_rows(d_a[lo:hi], part_bias[k])
     _sum_parts(part_w_ih, d_w_ih)
     _sum_parts(part_w_hh, d_w_hh)
     _sum_parts(part_bias, d_bias)
@@ -736,9 +758,10 @@ def _gradient_gemms_packed(
     blocks = _blocks(rows, threads)
     part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
     part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
-    part_bias = np.zeros((blocks, d_bias.shape[0]), d_a.dtype)
+    part_bias = np.empty((blocks, d_bias.shape[0]), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
+        _zero(part_bias[k])
         for r0 in range(lo, hi, block_rows):
             r1 = min(r0 + block_rows, hi)
             d_a_block = d_a[r0:r1]
@@ -749,8 +772,7 @@ def _gradient_gemms_packed(
             pack(h_prev[r0:r1], h_packed)
             packed_matmul(d_a_block.T, x_packed, part_w_ih[k], n_inputs, r0 > lo)
             packed_matmul(d_a_block.T, h_packed, part_w_hh[k], n_out, r0 > lo)
-            for row in range(r0, r1):
-                part_bias[k] += d_a[row]
+            _add_rows(d_a_block, part_bias[k])
     _sum_parts(part_w_ih, d_w_ih)
     _sum_parts(part_w_hh, d_w_hh)
     _sum_parts(part_bias, d_bias)
@@ -940,15 +962,16 @@ def cell_weight_gradients(d_a, c_prev, c, d_u, m, d_peephole, d_w_u, d_b_u, thre
     peepholes = d_peephole.shape[0] > 0
     use_layer = d_w_u.shape[0] > 0
     blocks = _blocks(rows, threads)
-    part_peephole = np.zeros((blocks, d_peephole.shape[0], d_peephole.shape[1]), d_a.dtype)
+    part_peephole = np.empty((blocks, d_peephole.shape[0], d_peephole.shape[1]), d_a.dtype)
     part_w_u = np.empty((blocks, d_w_u.shape[0], d_w_u.shape[1]), d_a.dtype)
-    part_b_u = np.zeros((blocks, d_b_u.shape[0]), d_a.dtype)
+    part_b_u = np.empty((blocks, d_b_u.shape[0]), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
+        _zero(part_peephole[k])
+        _zero(part_b_u[k])
         if use_layer:
             np.dot(d_u[lo:hi].T, m[lo:hi], part_w_u[k])
-            for row in range(lo, hi):
-                part_b_u[k] += d_u[row]
+            _add_rows(d_u[lo:hi], part_b_u[k])
         if peepholes:
             _peephole_sums(d_a[lo:hi], c_prev[lo:hi], c[lo:hi], part_peephole[k])
     _sum_parts(part_peephole, d_peephole)
