@@ -595,7 +595,13 @@ def forward_steps_by_units(
         h_prev, h = _step_states(h_seq, y, h_in_y, t, prev, cur, reverse)
         for k in prange(blocks):
             lo, hi = _block(k, blocks, hidden)
-            for g in range(4):
+            for q in range(4):
+                # The four gates' blocks in turn, in reverse order every other step: a
+                # thread's block of W_hh is about its core's L2 (2 MB at H = 512), so a
+                # sweep in the same order finds the block it needs first evicted by the
+                # rest, and one in reverse order starts with the most recently read.
+                # (200, 8, 128, 512) forward: 2.5-5.6 % faster, in-process A/B.
+                g = q if t % 2 == 0 else 3 - q
                 units = a[:, g * hidden + lo : g * hidden + hi]
                 packed_matmul(h_prev, w_hh_units[k, g], units, hi - lo, True)
             for b in range(c_seq.shape[1]):
