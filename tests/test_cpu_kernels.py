@@ -21,8 +21,8 @@ from numlstm.backends import cpu
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
     ("hidden", "batch"),
-    [(100, 13), (37, 1), (256, 5), (20, 33)],
-    ids=["ragged-panels", "one-row", "wide", "many-rows"],
+    [(100, 13), (37, 1), (256, 5), (20, 33), (256, 40)],
+    ids=["ragged-panels", "one-row", "wide", "many-rows", "wide-many-rows"],
 )
 def test_a_model_matches_torch_at_every_block_shape(hidden, batch, dtype):
     torch = pytest.importorskip("torch")
@@ -46,6 +46,33 @@ def test_a_model_matches_torch_at_every_block_shape(hidden, batch, dtype):
     assert_close(d_x, x_torch.grad.numpy(), dtype=dtype)
     for name, parameter in theirs.named_parameters():
         assert_close(ours.grads[name], parameter.grad.numpy(), name=name, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize(("panels", "short"), [(38, 0), (37, 5)])
+def test_recurrent_product_sweeps_large_weights_both_ways(dtype, accumulate, panels, short):
+    """Above ``REVERSED_SWEEP_MIN_BYTES`` the step's product goes by groups of panels, in
+    reverse order at odd steps; every column is still one ``k`` loop of the micro-kernel,
+    so both orders give exactly one call's result (here with a ragged last group and a
+    ragged last panel)."""
+    from numlstm.backends._packed import empty_packed, pack, packed_matmul, panel_width
+
+    k = 1024  # 128 KB a panel: 37-38 panels take 4.6-4.8 MB
+    n = panels * panel_width(dtype) - short
+    rng = np.random.default_rng(panels)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    packed = empty_packed(k, n, dtype)
+    pack(w, packed)
+    assert packed.nbytes > cpu.REVERSED_SWEEP_MIN_BYTES and packed.shape[0] % 4 != 0
+    rows = rng.standard_normal((5, k)).astype(dtype)
+    start = rng.standard_normal((5, n + 3)).astype(dtype)
+    expected = start.copy()
+    packed_matmul(rows, packed, expected, n, accumulate)
+    for t in (0, 1):
+        out = start.copy()
+        cpu._recurrent_product(rows, packed, out, n, accumulate, t)
+        np.testing.assert_array_equal(out, expected)
 
 
 def _run(dtype):
