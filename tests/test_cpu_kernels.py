@@ -121,10 +121,12 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
     """Few sequences against large weights split each step by units (``UNIT_SPLIT_*``);
     forced here onto a small model, with uneven blocks of units, it must give what the
     split by sequences gives: the same products, only shared out differently."""
-    monkeypatch.setattr(cpu, "UNIT_SPLIT_MAX_ROWS", 0)
+    for name in ("UNIT_SPLIT_MAX_ROWS", "UNIT_SPLIT_MAX_ROWS_FORWARD"):
+        monkeypatch.setattr(cpu, name, 0)
     by_sequences = _run(dtype)
 
-    monkeypatch.setattr(cpu, "UNIT_SPLIT_MAX_ROWS", 1 << 30)
+    for name in ("UNIT_SPLIT_MAX_ROWS", "UNIT_SPLIT_MAX_ROWS_FORWARD"):
+        monkeypatch.setattr(cpu, name, 1 << 30)
     monkeypatch.setattr(cpu, "UNIT_SPLIT_MIN_BYTES", 0)
     monkeypatch.setattr(cpu, "get_num_threads", lambda: blocks)
     packed = []

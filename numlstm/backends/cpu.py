@@ -1067,17 +1067,23 @@ class LayerGrads(NamedTuple):
 #: that outweighs a meeting of the threads at every step. Measured float32 forward on 2
 #: threads, by sequences -> by units, (T, B, I, H): (200, 8, 128, 512) 31 -> 23.5 ms,
 #: (300, 1, 64, 512) 46 -> 14 ms, (100, 2, 256, 1024) 54 -> 50 ms; but (100, 8, 64, 256),
-#: where all of W_hh (1 MB) fits, 2.5 -> 3.2 ms.
+#: where all of W_hh (1 MB) fits, 2.5 -> 3.2 ms. Since both ways sweep the weights in
+#: alternate orders (:data:`REVERSED_SWEEP_MIN_BYTES`), the forward pass gains up to 12
+#: rows a thread: (100, 16, 128, 512) 0.91 of the time, (50, 16, 256, 1024) 0.85,
+#: (100, 24, 128, 512) 0.99; (100, 32, 128, 512) 1.00.
+UNIT_SPLIT_MAX_ROWS_FORWARD = 13
+#: The same for the backward pass (:func:`backward_steps_by_units`), whose threads meet
+#: twice a step: at 8 rows a thread it lost, (50, 16, 256, 1024) training 1.04 of the time.
 UNIT_SPLIT_MAX_ROWS = 8
 UNIT_SPLIT_MIN_BYTES = 1 << 21
 
 
-def _split_by_units(batch, hidden, weight_bytes, threads):
-    """Whether to split each forward step by hidden units rather than by sequences."""
+def _split_by_units(batch, hidden, weight_bytes, threads, max_rows):
+    """Whether to split each step by hidden units rather than by sequences."""
     return (
         threads > 1
         and hidden >= threads
-        and -(-batch // threads) < UNIT_SPLIT_MAX_ROWS
+        and -(-batch // threads) < max_rows
         and weight_bytes >= UNIT_SPLIT_MIN_BYTES
     )
 
@@ -1170,7 +1176,9 @@ def layer_forward(
     # In inference with every sequence at full length, h_t goes straight into y[t].
     h_in_y = not save and int(lengths.min()) == len(x)
     threads = get_num_threads()
-    by_units = standard and _split_by_units(len(lengths), hidden, w_hh.nbytes, threads)
+    by_units = standard and _split_by_units(
+        len(lengths), hidden, w_hh.nbytes, threads, UNIT_SPLIT_MAX_ROWS_FORWARD
+    )
     n_inputs = w_ih.shape[1]
     stacked = (
         not by_units
@@ -1282,7 +1290,9 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     hidden = w_hh.shape[0] // 4
     n_inputs, n_out = w_ih.shape[1], w_hh.shape[1]
     standard = not (projecting or peepholes or use_layer)
-    by_units = standard and _split_by_units(len(tape.lengths), hidden, w_hh.nbytes, threads)
+    by_units = standard and _split_by_units(
+        len(tape.lengths), hidden, w_hh.nbytes, threads, UNIT_SPLIT_MAX_ROWS
+    )
     if by_units:
         w_hh_units = _unit_blocks_backward(w_hh, threads)
         backward_steps_by_units(
