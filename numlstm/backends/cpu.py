@@ -343,7 +343,7 @@ def _block(k, blocks, size):
 # Row operations of the kernels' loops, written as loops. In a ``parallel=True`` function an
 # array statement on a row (a copy, a sum, a fill with zeros) becomes a parallel loop of its
 # own, serialised inside the thread's loop at a cost per row: the backward time loop at
-# (T, B, I, H) = (50, 16, 32, 64), float32, went 155 -> 137 us with these calls. And
+# (T, B, I, H) = (50, 16, 32, 64), float32, went 155 -> 137-143 us with these calls. And
 # ``np.zeros`` for the threads' partial sums was a fork and join of the threads of its own.
 
 
@@ -370,9 +370,10 @@ def _zero(array):
 #: A time loop's recurrent weights above this size (packed) are swept in groups of panels
 #: whose order reverses every other step: a sweep over more than the cache in the same order
 #: finds each group evicted by the others, one in reverse order starts with the most
-#: recently read. Measured where a thread reads 2-4 MB per step (its L2: 2 MB): forward
-#: by units (200, 8, 128, 512) 2.5-5.6 % faster, forward by sequences (100, 32, 128, 512)
-#: 5.6-6.5 %, its backward 2.7-3.7 %. Below it the weights stay in L2 either way.
+#: recently read. Measured where a thread reads 2-4 MB per step (its L2: 2 MB), in-process
+#: A/B: by units (200, 8, 128, 512) forward 2.5-5.6 % faster; by sequences
+#: (100, 32, 128, 512) forward 7-8 %, training 5 % (its backward alone 2.7-3.7 %). Below
+#: it the weights stay in L2 either way, and (100, 64, 256, 256) did not change.
 REVERSED_SWEEP_MIN_BYTES = 1 << 20
 
 
@@ -1073,7 +1074,8 @@ class LayerGrads(NamedTuple):
 #: (100, 24, 128, 512) 0.99; (100, 32, 128, 512) 1.00.
 UNIT_SPLIT_MAX_ROWS_FORWARD = 13
 #: The same for the backward pass (:func:`backward_steps_by_units`), whose threads meet
-#: twice a step: at 8 rows a thread it lost, (50, 16, 256, 1024) training 1.04 of the time.
+#: twice a step: splitting it by units at 8 rows a thread too made (50, 16, 256, 1024)
+#: training 1.04 of the time, the forward pass's gain included.
 UNIT_SPLIT_MAX_ROWS = 8
 UNIT_SPLIT_MIN_BYTES = 1 << 21
 
