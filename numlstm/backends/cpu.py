@@ -1092,13 +1092,15 @@ def _split_by_units(batch, hidden, weight_bytes, threads, max_rows):
 
 def _pack_blocks(matrices):
     """Pack ``(K, N_k)`` matrices by :func:`._packed.pack` into one array, block ``k`` at
-    ``[k]`` (the panels past a narrower block's stay zero)."""
+    ``[k]`` (the panels past a narrower block's are zeros; :func:`._packed.pack` writes
+    every other value, so only those are zeroed, not the whole buffer first)."""
     k_count, dtype = matrices[0].shape[0], matrices[0].dtype
     widest = max(m.shape[1] for m in matrices)
     packed = aligned_empty((len(matrices), *packed_shape(k_count, widest, dtype)), dtype)
-    packed.fill(0)
     for k, matrix in enumerate(matrices):
-        pack(matrix, packed[k, : packed_shape(*matrix.shape, dtype)[0]])
+        panels = packed_shape(*matrix.shape, dtype)[0]
+        pack(matrix, packed[k, :panels])
+        packed[k, panels:] = 0
     return packed
 
 
