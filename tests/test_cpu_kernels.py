@@ -204,10 +204,11 @@ def test_stacked_weights_equal_a_projection_pass(monkeypatch, dtype):
         cpu, "empty_packed", lambda *shape: packed_shapes.append(shape) or original(*shape)
     )
     stacked = _run(dtype)
-    # 2 layers x 2 directions x 3 forward passes pack [W_ih^T; W_hh^T] (inputs 4, then 22),
+    # 2 layers x 2 directions pack [W_ih^T; W_hh^T] (inputs 4, then 22) in the training
+    # pass and in the first inference pass (the second reuses those, PACKED_CACHE_ENTRIES),
     # and nothing packs W_ih^T or W_hh^T (4 or 11 rows) alone for a forward pass.
     forward_packs = sorted(shape[:2] for shape in packed_shapes if shape[1] == 4 * 11)
-    assert forward_packs == [(4 + 11, 44)] * 6 + [(22 + 11, 44)] * 6
+    assert forward_packs == [(4 + 11, 44)] * 4 + [(22 + 11, 44)] * 4
     _assert_same_results(stacked, with_pass, dtype)
 
 
@@ -233,3 +234,75 @@ def test_inference_chunk_shrinks_to_the_gate_byte_budget(monkeypatch):
     np.testing.assert_array_equal(output, expected)
     np.testing.assert_array_equal(h_n_2, h_n)
     np.testing.assert_array_equal(c_n_2, c_n)
+
+
+def _key(model):
+    """The key of a one-layer model's first layer in the cache of packed weights."""
+    weights = dict(model.named_parameters())
+    return id(weights["weight_ih_l0"]), id(weights["weight_hh_l0"])
+
+
+def _infer(model, x):
+    with numlstm.no_grad():
+        return model(x)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_inference_repacks_weights_changed_in_place(dtype):
+    """Inference reuses the packed weights of an earlier call only while the arrays hold
+    the same bits: an update in place (an optimiser's step), even of one value, or of 0.0 to
+    -0.0, gives the result of a fresh model with those weights."""
+    rng = np.random.default_rng(3)
+    model = numlstm.LSTM(5, 16, num_layers=2, dtype=dtype, seed=0)
+    x = rng.standard_normal((6, 4, 5)).astype(dtype)
+    first = _infer(model, x)
+    np.testing.assert_array_equal(_infer(model, x), first)  # from the cache
+    assert _key(model) in cpu._packed_cache
+
+    def fresh():
+        other = numlstm.LSTM(5, 16, num_layers=2, dtype=dtype, seed=1)
+        other.load_state_dict({k: v.copy() for k, v in model.state_dict().items()})
+        return _infer(other, x)
+
+    weights = dict(model.named_parameters())
+    weights["weight_hh_l1"][7, 3] += 0.5
+    np.testing.assert_array_equal(_infer(model, x), fresh())
+    weights["weight_ih_l0"] *= 0.5
+    changed = _infer(model, x)
+    assert not np.array_equal(changed, first)
+    np.testing.assert_array_equal(changed, fresh())
+    weights["weight_hh_l0"][0, 0] = 0.0
+    _infer(model, x)
+    weights["weight_hh_l0"][0, 0] = -0.0
+    cached = cpu._packed_cache[_key(model)]
+    _infer(model, x)
+    assert cpu._packed_cache[_key(model)] is not cached
+    np.testing.assert_array_equal(_infer(model, x), fresh())
+
+
+def test_packed_weight_cache_is_bounded_and_forgets_dropped_weights():
+    import gc
+
+    x = np.zeros((2, 4, 3), np.float32)
+    models = [numlstm.LSTM(3, 8, seed=k) for k in range(cpu.PACKED_CACHE_ENTRIES + 3)]
+    for model in models:
+        _infer(model, x)
+    assert len(cpu._packed_cache) <= cpu.PACKED_CACHE_ENTRIES
+    # The most recent are kept; a reused one moves to the end.
+    _infer(models[-cpu.PACKED_CACHE_ENTRIES], x)
+    _infer(models[0], x)
+    keys = [_key(m) for m in models]
+    assert keys[-cpu.PACKED_CACHE_ENTRIES] in cpu._packed_cache
+    assert list(cpu._packed_cache)[-1] == keys[0]
+    del models, model
+    gc.collect()
+    assert not any(key in cpu._packed_cache for key in keys)
+
+
+def test_training_packs_its_weights_at_every_call():
+    """Training's weights change at every step: it neither reads nor fills the cache."""
+    model = numlstm.LSTM(3, 8, seed=0)
+    cpu._packed_cache.clear()
+    output, _ = model(np.ones((2, 4, 3), np.float32))
+    model.backward(np.ones_like(output))
+    assert not cpu._packed_cache
