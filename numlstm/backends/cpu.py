@@ -1188,38 +1188,60 @@ def _stacked_weights(w_ih, w_hh):
     return packed
 
 
-def _pack_blocks(matrices):
-    """Pack ``(K, N_k)`` matrices by :func:`._packed.pack` into one array, block ``k`` at
-    ``[k]`` (the panels past a narrower block's are zeros; :func:`._packed.pack` writes
-    every other value, so only those are zeroed, not the whole buffer first)."""
-    k_count, dtype = matrices[0].shape[0], matrices[0].dtype
-    widest = max(m.shape[1] for m in matrices)
-    packed = aligned_empty((len(matrices), *packed_shape(k_count, widest, dtype)), dtype)
-    for k, matrix in enumerate(matrices):
-        panels = packed_shape(*matrix.shape, dtype)[0]
-        pack(matrix, packed[k, :panels])
-        packed[k, panels:] = 0
-    return packed
+@njit(cache=True, nogil=True)
+def _pack_padded(w, packed):
+    """:func:`._packed.pack` ``w`` into the first panels of ``packed`` and zeros into the
+    rest (a block of units narrower than the widest)."""
+    panels = -(-w.shape[1] // packed.shape[2])
+    pack(w, packed[:panels])
+    _zero(packed[panels:])
+
+
+# Each thread packs the block of units it multiplies by in the time loop, so that the block
+# is in its cache when the loop starts (Numba's OpenMP pool gives iteration k of both loops
+# to thread k), instead of one thread packing them all and the others reading theirs from
+# it: float32 (T, B, I, H) = (200, 8, 128, 512) forward 7-8.5 % faster (in-process A/B),
+# of which the packing itself (4 MB, 0.45 ms on one thread) is less than half.
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _pack_units_forward(w_hh, packed):
+    """Fill :func:`_unit_blocks_forward`'s ``packed``, block ``k`` by thread ``k``."""
+    blocks, hidden = packed.shape[0], w_hh.shape[0] // 4
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, hidden)
+        for g in range(4):
+            _pack_padded(w_hh[g * hidden + lo : g * hidden + hi].T, packed[k, g])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _pack_units_backward(w_hh, packed):
+    """Fill :func:`_unit_blocks_backward`'s ``packed``, block ``k`` by thread ``k``."""
+    blocks, hidden = packed.shape[0], w_hh.shape[0] // 4
+    for k in prange(blocks):
+        lo, hi = _block(k, blocks, hidden)
+        _pack_padded(w_hh[:, lo:hi], packed[k])
 
 
 def _unit_blocks_forward(w_hh, blocks):
     """``W_hh^T`` by blocks of hidden units, for :func:`forward_steps_by_units`: ``[k, g]``
     holds the columns of gate ``g`` for the units ``_block(k, blocks, H)``, so that each
     product accumulates straight into that gate's columns of the gate rows."""
-    hidden = w_hh.shape[0] // 4
-    matrices = []
-    for k in range(blocks):
-        lo, hi = _block(k, blocks, hidden)
-        matrices += [w_hh[g * hidden + lo : g * hidden + hi].T for g in range(4)]
-    packed = _pack_blocks(matrices)
-    return packed.reshape(blocks, 4, *packed.shape[1:])
+    hidden, dtype = w_hh.shape[0] // 4, w_hh.dtype
+    widest = -(-hidden // blocks)
+    packed = aligned_empty((blocks, 4, *packed_shape(w_hh.shape[1], widest, dtype)), dtype)
+    _pack_units_forward(w_hh, packed)
+    return packed
 
 
 def _unit_blocks_backward(w_hh, blocks):
     """``W_hh`` by blocks of hidden units, for :func:`backward_steps_by_units`: block ``k``
     is ``W_hh[:, lo:hi]`` for the units ``_block(k, blocks, H)``."""
-    hidden = w_hh.shape[0] // 4
-    return _pack_blocks([w_hh[:, slice(*_block(k, blocks, hidden))] for k in range(blocks)])
+    hidden, dtype = w_hh.shape[0] // 4, w_hh.dtype
+    widest = -(-hidden // blocks)
+    packed = aligned_empty((blocks, *packed_shape(w_hh.shape[0], widest, dtype)), dtype)
+    _pack_units_backward(w_hh, packed)
+    return packed
 
 
 def layer_forward(
