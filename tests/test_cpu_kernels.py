@@ -10,6 +10,8 @@ and batches that leave remainder rows after the 8-row blocks on each thread.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -297,6 +299,37 @@ def test_packed_weight_cache_is_bounded_and_forgets_dropped_weights():
     del models, model
     gc.collect()
     assert not any(key in cpu._packed_cache for key in keys)
+
+
+def test_threads_share_the_packed_weight_cache():
+    """Inference in several threads at once, on one model and on different ones, reads and
+    fills the cache together and gives the results of serial calls."""
+    rng = np.random.default_rng(12)
+    models = [numlstm.LSTM(5, 16, seed=seed) for seed in range(3)]
+    x = rng.standard_normal((20, 4, 5)).astype(np.float32)
+    expected = [_infer(model, x) for model in models]
+    cpu._packed_cache.clear()
+    results, errors = {}, []
+    barrier = threading.Barrier(6)
+
+    def work(i):
+        try:
+            barrier.wait(10)
+            results[i] = [_infer(models[i % 3], x) for _ in range(20)]
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert sorted(results) == list(range(6))
+    for i, outputs in results.items():
+        for output in outputs:
+            np.testing.assert_array_equal(output, expected[i % 3])
+    assert all(_key(model) in cpu._packed_cache for model in models)
 
 
 def test_training_packs_its_weights_at_every_call():

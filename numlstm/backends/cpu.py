@@ -1198,10 +1198,11 @@ def _pack_padded(w, packed):
 
 
 # Each thread packs the block of units it multiplies by in the time loop, so that the block
-# is in its cache when the loop starts (Numba's OpenMP pool gives iteration k of both loops
-# to thread k), instead of one thread packing them all and the others reading theirs from
-# it: float32 (T, B, I, H) = (200, 8, 128, 512) forward 7-8.5 % faster (in-process A/B),
-# of which the packing itself (4 MB, 0.45 ms on one thread) is less than half.
+# is in its cache when the loop starts, instead of one thread packing them all and the
+# others reading theirs from it: float32 (T, B, I, H) = (200, 8, 128, 512) forward 7-8.5 %
+# faster (in-process A/B), of which the packing itself (4 MB, 0.45 ms on one thread) is
+# less than half. With Numba's OpenMP layer (the one here), whose static schedule gives
+# iteration k of both loops to the same thread; with another, the packing is only shared.
 
 
 @njit(cache=True, nogil=True, parallel=True)
