@@ -301,6 +301,16 @@ def test_packed_weight_cache_is_bounded_and_forgets_dropped_weights():
     assert not any(key in cpu._packed_cache for key in keys)
 
 
+def test_packed_weight_cache_can_be_turned_off(monkeypatch):
+    model = numlstm.LSTM(3, 8, seed=0)
+    x = np.ones((2, 4, 3), np.float32)
+    expected = _infer(model, x)
+    cpu._packed_cache.clear()
+    monkeypatch.setattr(cpu, "PACKED_CACHE_ENTRIES", 0)
+    np.testing.assert_array_equal(_infer(model, x), expected)
+    assert not cpu._packed_cache
+
+
 def test_threads_share_the_packed_weight_cache():
     """Inference in several threads at once, on one model and on different ones, reads and
     fills the cache together and gives the results of serial calls."""

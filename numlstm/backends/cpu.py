@@ -1155,8 +1155,9 @@ def _pack_stacked(w_ih, w_hh):
 def _stacked_weights(w_ih, w_hh):
     """:func:`_pack_stacked`, reusing the result of an earlier call while ``w_ih`` and
     ``w_hh`` are the same arrays with the same values, bit for bit (see
-    :data:`PACKED_CACHE_ENTRIES`). Weights changed in place are packed afresh."""
-    if not (w_ih.flags.c_contiguous and w_hh.flags.c_contiguous):
+    :data:`PACKED_CACHE_ENTRIES`, 0 to keep none). Weights changed in place are packed
+    afresh."""
+    if PACKED_CACHE_ENTRIES <= 0 or not (w_ih.flags.c_contiguous and w_hh.flags.c_contiguous):
         return _pack_stacked(w_ih, w_hh)
     key = (id(w_ih), id(w_hh))
     entry = _packed_cache.get(key)
