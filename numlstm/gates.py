@@ -128,16 +128,6 @@ def _activations(constants):
         return scale, r, p
 
     @jit
-    def exp(x):
-        scale, r, p = reduce(max(x, exp_floor))
-        return scale + scale * (r * p) if x >= exp_floor else zero
-
-    @jit
-    def expm1(x):
-        scale, r, p = reduce(max(x, exp_floor))
-        return scale * (r * p) + (scale - one)
-
-    @jit
     def exp_clamped(x):
         # e^x for x clamped into [exp_floor, exp_ceiling]: inf above e^x's range, e^floor
         # (not 0) below it. The comparisons let NaN through, so NaN gives NaN.
@@ -146,6 +136,15 @@ def _activations(constants):
         scale, r, p = reduce(x)
         # Not scale + scale r p: that is inf - inf where 2^n is inf and r < 0.
         return scale * (one + r * p)
+
+    @jit
+    def exp(x):
+        return exp_clamped(x) if x >= exp_floor else zero
+
+    @jit
+    def expm1(x):
+        scale, r, p = reduce(max(x, exp_floor))
+        return scale * (r * p) + (scale - one)
 
     @jit
     def sigmoid(a):
