@@ -128,12 +128,16 @@ def _activations(constants):
         return scale, r, p
 
     @jit
+    def clamp(x, low, high):
+        # x within [low, high], written so that both comparisons let NaN through.
+        x = low if x < low else x
+        return high if x > high else x
+
+    @jit
     def exp_clamped(x):
         # e^x for x clamped into [exp_floor, exp_ceiling]: inf above e^x's range, e^floor
-        # (not 0) below it. The comparisons let NaN through, so NaN gives NaN.
-        x = exp_floor if x < exp_floor else x
-        x = exp_ceiling if x > exp_ceiling else x
-        scale, r, p = reduce(x)
+        # (not 0) below it; NaN gives NaN.
+        scale, r, p = reduce(clamp(x, exp_floor, exp_ceiling))
         # Not scale + scale r p: that is inf - inf where 2^n is inf and r < 0.
         return scale * (one + r * p)
 
@@ -164,19 +168,17 @@ def _activations(constants):
             return t if a >= zero else -t
 
     else:
-        clamp, numerator, denominator = constants["tanh_rational"]
-        clamp, numerator, denominator = (
-            real(clamp),
+        bound, numerator, denominator = constants["tanh_rational"]
+        bound, numerator, denominator = (
+            real(bound),
             tuple(real(c) for c in numerator),
             tuple(real(c) for c in denominator),
         )
 
         @jit
         def tanh(a):
-            # The comparisons let NaN through. The output is clamped too: rounding can
-            # take x P / Q a few ulp past 1.
-            x = -clamp if a < -clamp else a
-            x = clamp if x > clamp else x
+            # The output is clamped too: rounding can take x P / Q a few ulp past 1.
+            x = clamp(a, -bound, bound)
             s = x * x
             p = numerator[0]
             for coefficient in numerator[1:]:
@@ -184,9 +186,7 @@ def _activations(constants):
             q = denominator[0]
             for coefficient in denominator[1:]:
                 q = coefficient + s * q
-            t = x * p / q
-            t = -one if t < -one else t
-            return one if t > one else t
+            return clamp(x * p / q, -one, one)
 
     @jit
     def d_sigmoid(s):
