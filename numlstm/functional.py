@@ -170,9 +170,9 @@ def forward_checked(
 class Call:
     """The inputs of one forward pass, in the kernels' layout.
 
-    ``x`` is ``(T, B, I)``, ``h0`` and ``c0`` are ``(num_layers * D, B, ·)``, all
-    C-contiguous; ``lengths`` is ``(B,)`` int64. ``batched`` and ``batch_first`` record the
-    caller's layout.
+    ``x`` is ``(T, B, I)``, ``h0`` and ``c0`` are ``(num_layers * D, B, ·)`` (or both None
+    for zeros), all C-contiguous; ``lengths`` is ``(B,)`` int64. ``batched`` and
+    ``batch_first`` record the caller's layout.
     """
 
     x: object
@@ -254,9 +254,10 @@ def _check_state_pair(spec, pair, argument, names, batch, batched):
 
 
 def _prepare_states(spec, xp, hx, batch, batched):
+    """``(h0, c0)`` in the kernels' layout, or ``(None, None)`` for zeros."""
     shapes = [shape for shape, _ in _state_shapes(spec, batch, batched=True)]
     if hx is None:
-        return tuple(xp.zeros(shape, spec.dtype) for shape in shapes)
+        return None, None  # the backends start from zeros
     pair = _check_state_pair(spec, hx, "hx", ("h0", "c0"), batch, batched)
     return tuple(
         xp.ascontiguousarray(xp.reshape(s, shape)) for s, shape in zip(pair, shapes, strict=True)
@@ -359,8 +360,7 @@ def run_forward(spec, params, be, call, masks, save):
     """
     xp = be.xp
     directions = spec.num_directions
-    h_n = xp.empty(call.h0.shape, spec.dtype)
-    c_n = xp.empty(call.c0.shape, spec.dtype)
+    h_n, c_n = [], []
     layer_input = call.x
     layer_tapes = []
     for layer in range(spec.num_layers):
@@ -373,14 +373,14 @@ def run_forward(spec, params, be, call, masks, save):
             peephole, w_u, b_u = spec.cell_weights(params, layer, direction)
             if w_u is not None and b_u is None:
                 b_u = xp.zeros(spec.hidden_size, spec.dtype)
-            y, h_n[k], c_n[k], tape = be.layer_forward(
+            y, h, c, tape = be.layer_forward(
                 layer_input,
                 w_ih,
                 w_hh,
                 _bias(spec, xp, b_ih, b_hh),
                 w_hr,
-                call.h0[k],
-                call.c0[k],
+                None if call.h0 is None else call.h0[k],
+                None if call.c0 is None else call.c0[k],
                 call.lengths,
                 direction == 1,
                 save,
@@ -390,11 +390,13 @@ def run_forward(spec, params, be, call, masks, save):
             )
             outputs.append(y)
             tapes.append(tape)
+            h_n.append(h)
+            c_n.append(c)
         layer_input = outputs[0] if directions == 1 else xp.concatenate(outputs, axis=2)
         layer_tapes.append(tapes)
     output = _to_caller_layout(xp, layer_input, call.batched, call.batch_first)
-    h_n = _states_to_caller(xp, h_n, call.batched)
-    c_n = _states_to_caller(xp, c_n, call.batched)
+    h_n = _states_to_caller(xp, xp.stack(h_n), call.batched)
+    c_n = _states_to_caller(xp, xp.stack(c_n), call.batched)
     tape = None
     if save:
         tape = Tape(
@@ -446,7 +448,7 @@ def backward(tape, d_output, d_hx=None):
         d_output = _to_kernel_layout(xp, d_output, call, width)
     shapes = [shape for shape, _ in _state_shapes(spec, call.batch, batched=True)]
     if d_hx is None:
-        d_h_n, d_c_n = (xp.zeros(shape, spec.dtype) for shape in shapes)
+        d_h_n = d_c_n = None  # the backends start from zeros
     else:
         pair = _check_state_pair(spec, d_hx, "d_hx", ("d_h_n", "d_c_n"), call.batch, call.batched)
         d_h_n, d_c_n = (xp.reshape(d, shape) for d, shape in zip(pair, shapes, strict=True))
@@ -456,8 +458,7 @@ def backward(tape, d_output, d_hx=None):
 def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
     spec, be = tape.spec, tape.backend
     directions, width = spec.num_directions, spec.output_size
-    d_h0 = xp.empty(d_h_n.shape, spec.dtype)
-    d_c0 = xp.empty(d_c_n.shape, spec.dtype)
+    d_h0, d_c0 = [None] * len(tape.layers) * directions, [None] * len(tape.layers) * directions
     grads = {}
     d_above = d_output
     for layer in reversed(range(spec.num_layers)):
@@ -472,8 +473,8 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
             g = be.layer_backward(
                 tape.layers[layer][direction],
                 d_y,
-                xp.ascontiguousarray(d_h_n[k]),
-                xp.ascontiguousarray(d_c_n[k]),
+                None if d_h_n is None else xp.ascontiguousarray(d_h_n[k]),
+                None if d_c_n is None else xp.ascontiguousarray(d_c_n[k]),
             )
             d_input = g.d_x if d_input is None else xp.add(d_input, g.d_x)
             d_h0[k], d_c0[k] = g.d_h0, g.d_c0
@@ -494,8 +495,8 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
             d_input = xp.multiply(d_input, tape.dropout_masks[layer - 1])
         d_above = d_input
     d_x = _to_caller_layout(xp, d_above, tape.batched, tape.batch_first)
-    d_h0 = _states_to_caller(xp, d_h0, tape.batched)
-    d_c0 = _states_to_caller(xp, d_c0, tape.batched)
+    d_h0 = _states_to_caller(xp, xp.stack(d_h0), tape.batched)
+    d_c0 = _states_to_caller(xp, xp.stack(d_c0), tape.batched)
     names = list(spec.param_shapes())
     d_x, d_h0, d_c0, *ordered = _to_caller_kind(
         xp, (d_x, d_h0, d_c0, *(grads[name] for name in names)), tape.device

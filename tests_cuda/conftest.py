@@ -159,7 +159,11 @@ def _lock_the_simulators_shared_arrays():
 if SIMULATOR:
     _lock_the_simulators_shared_arrays()
     cuda_backend.THREADS = 4
-    cuda_backend.GEMM_TILE = 4
+    # Small GEMM tiles (4 x 4 and 8 x 8 on blocks of 2 x 2 threads), so that small
+    # products span several tiles and the simulator runs few threads.
+    cuda_backend.gemm_kernel = cuda_backend._make_gemm_kernel(2, 2, 4)
+    cuda_backend.gemm_kernel_wide = cuda_backend._make_gemm_kernel(2, 4, 4)
+    cuda_backend.BATCH_TILE = 2  # the test batches (3, 4) make whole and partial tiles
     cuda_backend.cuda_array.THREADS = 8
     BLOCK_CAPS = [None]  # the simulator runs cooperative grids of one block
 else:
@@ -172,10 +176,21 @@ else:
 THREAD_COUNTS = [4, 64] if SIMULATOR else [32, 256]
 
 
-@pytest.fixture(params=THREAD_COUNTS, ids=lambda count: f"threads={count}")
-def block_threads(request, monkeypatch):
-    """Threads per block of the CUDA backend's time loops for a test, restored afterwards."""
-    monkeypatch.setattr(cuda_backend, "THREADS", request.param)
+#: The forward loop's modes (see ``numlstm.backends.cuda._forward_grid``) with the thread
+#: counts each is tested at: the grouped mode at both, the tiled mode (whose threads each
+#: take whole dot products) at the larger only in the simulator, which is slow.
+LOOP_CONFIGS = [(count, "grouped") for count in THREAD_COUNTS] + [
+    (count, "tiled") for count in (THREAD_COUNTS[-1:] if SIMULATOR else THREAD_COUNTS)
+]
+
+
+@pytest.fixture(params=LOOP_CONFIGS, ids=lambda config: f"threads={config[0]}-{config[1]}")
+def loop_config(request, monkeypatch):
+    """Threads per block and forward mode of the time loops for a test: tiled for every
+    batch, or never."""
+    threads, mode = request.param
+    monkeypatch.setattr(cuda_backend, "THREADS", threads)
+    monkeypatch.setattr(cuda_backend, "TILED_MIN_ITEMS", 1 if mode == "tiled" else 1 << 62)
     return request.param
 
 

@@ -113,9 +113,7 @@ RUNS = [(name, np.float64) for name in CASES] + [
     [(CASES[name], dtype) for name, dtype in RUNS],
     ids=[f"{name}-{np.dtype(dtype)}" for name, dtype in RUNS],
 )
-def test_cuda_equals_cpu_forward_and_every_gradient(
-    config, dtype, launch, block_threads, on_backend
-):
+def test_cuda_equals_cpu_forward_and_every_gradient(config, dtype, launch, loop_config, on_backend):
     arrays = make_arrays(config, dtype)
     expected = on_backend("cpu", forward_backward, config, arrays)
     actual = on_backend("cuda", forward_backward, config, arrays)

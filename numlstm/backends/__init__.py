@@ -7,7 +7,8 @@ lengths; see :mod:`numlstm.backends.cpu`), plus the array namespace ``xp`` that 
 shared orchestration in :mod:`numlstm.functional` uses: NumPy on the CPU, and on other
 backends a namespace with the NumPy functions ``add``, ``asarray``, ``ascontiguousarray``,
 ``concatenate``, ``copy``, ``empty``, ``may_share_memory``, ``multiply``, ``reshape``,
-``swapaxes`` and ``zeros`` for its arrays. Backend modules are imported only when first
+``stack``, ``swapaxes`` and ``zeros`` for its arrays. The states ``h0``, ``c0``,
+``d_h_n`` and ``d_c_n`` may be None, for zeros. Backend modules are imported only when first
 used, so ``import numlstm`` works without numba-cuda or a GPU.
 """
 

@@ -1259,8 +1259,8 @@ def layer_forward(
         ``b_ih + b_hh``.
     w_hr : (P, H) array or None
         Projection weights.
-    h0, c0 : (B, P), (B, H) arrays
-        Initial states.
+    h0, c0 : (B, P), (B, H) arrays, or None
+        Initial states (None: zeros).
     lengths : (B,) int64 array
     reverse : bool
     save : bool
@@ -1297,8 +1297,8 @@ def layer_forward(
         use_layer=w_u is not None,
         chunk=max(1, min(INFERENCE_CHUNK, INFERENCE_GATE_BYTES // step_bytes)),
     )
-    c_seq[first] = c0
-    h_seq[first] = h0
+    c_seq[first] = 0 if c0 is None else c0
+    h_seq[first] = 0 if h0 is None else h0
     # In inference with every sequence at full length, h_t goes straight into y[t].
     h_in_y = not save and int(lengths.min()) == len(x)
     threads = get_num_threads()
@@ -1386,8 +1386,8 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         What :func:`layer_forward` saved.
     d_y : (T, B, P) array
         Gradient at the layer's output.
-    d_h_n, d_c_n : (B, P), (B, H) arrays
-        Gradients at the final states.
+    d_h_n, d_c_n : (B, P), (B, H) arrays, or None
+        Gradients at the final states (None: zeros).
 
     Returns
     -------
@@ -1399,8 +1399,9 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     projecting = w_hr is not None
     peepholes = tape.peephole is not None
     use_layer = tape.w_u is not None
-    d_h = np.array(d_h_n, dtype, copy=True)
-    d_c = np.array(d_c_n, dtype, copy=True)
+    batch, hidden, n_out = x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1]
+    d_h = np.zeros((batch, n_out), dtype) if d_h_n is None else np.array(d_h_n, dtype, copy=True)
+    d_c = np.zeros((batch, hidden), dtype) if d_c_n is None else np.array(d_c_n, dtype, copy=True)
     d_gates = aligned_empty(tape.gates.shape, dtype)
     d_hs = aligned_empty((len(x) if projecting else 0, *d_h.shape), dtype)
     d_u = aligned_empty(tape.u_seq.shape, dtype)

@@ -70,6 +70,14 @@ def combine_kernel(a, b, out, multiply):
 
 
 @cuda.jit
+def copy_kernel(src, dst, offset):
+    """``dst[offset:offset + n] = src`` for 1-D arrays (``n`` the size of ``src``)."""
+    k = cuda.grid(1)
+    if k < src.shape[0]:
+        dst[offset + k] = src[k]
+
+
+@cuda.jit
 def swap_leading_axes_kernel(src, dst):
     """``dst[j, i, :] = src[i, j, :]`` for 3-D arrays (``src`` may have any strides)."""
     k = cuda.grid(1)
@@ -86,13 +94,28 @@ def swap_leading_axes_kernel(src, dst):
 ARRAY_KERNELS = {
     fill_kernel: lambda f: (f[::1], f),
     combine_kernel: lambda f: (f[::1], f[::1], f[::1], types.boolean),
+    copy_kernel: lambda f: (f[::1], f[::1], types.int64),
     swap_leading_axes_kernel: lambda f: (f[:, :, :], f[:, :, ::1]),
 }
 
 
+#: Arrays of size zero (no memory, nothing to write), kept by shape and dtype: the
+#: kernels take them for absent operands, and allocating one costs as much as any other.
+_EMPTY: dict[tuple, object] = {}
+
+
 def empty(shape, dtype):
-    """An uninitialised device array."""
-    return cuda.device_array(shape, np.dtype(dtype))
+    """An uninitialised device array (arrays of size zero are shared)."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    dtype = np.dtype(dtype)
+    if 0 not in shape:
+        return cuda.device_array(shape, dtype)
+    key = (shape, dtype)
+    if key not in _EMPTY:
+        if len(_EMPTY) >= 256:
+            _EMPTY.clear()
+        _EMPTY[key] = cuda.device_array(shape, dtype)
+    return _EMPTY[key]
 
 
 def full(shape, value, dtype):
@@ -133,7 +156,24 @@ def copy(array):
     """A C-contiguous device copy of ``array``."""
     device = ascontiguousarray(array)
     out = empty(device.shape, device.dtype)
-    out.copy_to_device(device)
+    if out.size:
+        flat = (x.reshape(out.size) for x in (device, out))
+        copy_kernel[_blocks(out.size), THREADS](*flat, 0)
+    return out
+
+
+def stack(arrays):
+    """The arrays (of one shape) stacked along a new first axis, C-contiguous."""
+    arrays = [ascontiguousarray(a) for a in arrays]
+    shape = tuple(arrays[0].shape)
+    if len(arrays) == 1:
+        return arrays[0].reshape((1, *shape))
+    out = empty((len(arrays), *shape), arrays[0].dtype)
+    size = arrays[0].size
+    if size:
+        flat = out.reshape(out.size)
+        for k, part in enumerate(arrays):
+            copy_kernel[_blocks(size), THREADS](part.reshape(size), flat, k * size)
     return out
 
 
@@ -192,6 +232,24 @@ def concatenate(arrays, axis):
         out[(slice(None),) * axis + (slice(start, stop),)] = part
         start = stop
     return out
+
+
+_LENGTHS: dict[bytes, object] = {}
+
+
+def device_lengths(lengths):
+    """A device copy of an int64 array of sequence lengths, kept for reuse.
+
+    A batch's lengths rarely change between calls (all ``T`` without padding), and a
+    copy from the host waits for the device; copies are kept by value (at most 64).
+    """
+    key = lengths.tobytes()
+    device = _LENGTHS.get(key)
+    if device is None:
+        if len(_LENGTHS) >= 64:
+            _LENGTHS.clear()
+        device = _LENGTHS[key] = cuda.to_device(np.ascontiguousarray(lengths, np.int64))
+    return device
 
 
 def _byte_range(array):
