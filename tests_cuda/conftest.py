@@ -162,7 +162,7 @@ if SIMULATOR:
     # Small GEMM tiles (4 x 4 and 8 x 8 on blocks of 2 x 2 threads), so that small
     # products span several tiles and the simulator runs few threads.
     cuda_backend.gemm_kernel = cuda_backend._make_gemm_kernel(2, 2, 4)
-    cuda_backend.gemm_kernel_wide = cuda_backend._make_gemm_kernel(2, 4, 4)
+    cuda_backend.gemm_kernel_wide = cuda_backend._make_gemm_kernel(2, 4, 4, "gemm_kernel_wide")
     cuda_backend.BATCH_TILE = 2  # the test batches (3, 4) make whole and partial tiles
     cuda_backend.cuda_array.THREADS = 8
     BLOCK_CAPS = [None]  # the simulator runs cooperative grids of one block

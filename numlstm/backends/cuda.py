@@ -122,7 +122,7 @@ def _sum_groups(partial, rows, split):
         width //= 2
 
 
-def _make_gemm_kernel(threads, micro, depth):
+def _make_gemm_kernel(threads, micro, depth, name="gemm_kernel"):
     """A tiled GEMM kernel: ``c = op(a) @ op(b) + bias``, one ``E x E`` tile of ``c`` per block.
 
     Blocks are ``(threads, threads)`` threads; each thread accumulates a ``micro x micro``
@@ -195,7 +195,7 @@ def _make_gemm_kernel(threads, micro, depth):
                 if row < rows and col < cols:
                     c[row, col] = acc[i, j] + bias[col] if bias.shape[0] > 0 else acc[i, j]
 
-    gemm.__name__ = gemm.__qualname__ = f"gemm_kernel_{edge}"
+    gemm.__name__ = gemm.__qualname__ = name  # the module attribute it is bound to
     gemm.__doc__ = f"""``c = op(a) @ op(b) + bias`` in tiles of {edge} x {edge}: see
     :func:`_make_gemm_kernel`. Launch with blocks of ``({threads}, {threads})`` threads on a
     grid of ``(ceil(N / {edge}), ceil(M / {edge}))`` blocks.
@@ -228,7 +228,9 @@ _gemm_equations = implements(
 gemm_kernel = _gemm_equations(_make_gemm_kernel(GEMM_THREADS, GEMM_MICRO, GEMM_DEPTH))
 
 #: The GEMM for large products (tiles of 128 x 128: each value read serves more products).
-gemm_kernel_wide = _gemm_equations(_make_gemm_kernel(GEMM_THREADS, GEMM_MICRO_WIDE, GEMM_DEPTH))
+gemm_kernel_wide = _gemm_equations(
+    _make_gemm_kernel(GEMM_THREADS, GEMM_MICRO_WIDE, GEMM_DEPTH, "gemm_kernel_wide")
+)
 
 #: The wide GEMM runs where it still gives at least this many blocks.
 GEMM_WIDE_MIN_BLOCKS = 264
