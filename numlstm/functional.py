@@ -329,13 +329,6 @@ def _prepare_masks(spec, xp, call, dropout, dropout_masks, rng):
     ]
 
 
-def _bias(spec, xp, b_ih, b_hh):
-    """``b_ih + b_hh``, the bias the kernels add (zeros without bias)."""
-    if b_ih is None:
-        return xp.zeros(4 * spec.hidden_size, spec.dtype)
-    return xp.add(b_ih, b_hh)
-
-
 def run_forward(spec, params, be, call, masks, save):
     """Forward through every layer and direction (inputs already checked).
 
@@ -377,7 +370,8 @@ def run_forward(spec, params, be, call, masks, save):
                 layer_input,
                 w_ih,
                 w_hh,
-                _bias(spec, xp, b_ih, b_hh),
+                b_ih,
+                b_hh,
                 w_hr,
                 None if call.h0 is None else call.h0[k],
                 None if call.c0 is None else call.c0[k],

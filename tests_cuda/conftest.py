@@ -164,6 +164,9 @@ if SIMULATOR:
     cuda_backend.gemm_kernel = cuda_backend._make_gemm_kernel(2, 2, 4)
     cuda_backend.gemm_kernel_wide = cuda_backend._make_gemm_kernel(2, 4, 4, "gemm_kernel_wide")
     cuda_backend.BATCH_TILE = 2  # the test batches (3, 4) make whole and partial tiles
+    # Stages of 2 inputs and rounds of one group of sequences: several of each.
+    cuda_backend.STAGE_DEPTH = 2
+    cuda_backend.STAGE_SEQUENCES = 2
     cuda_backend.cuda_array.THREADS = 8
     BLOCK_CAPS = [None]  # the simulator runs cooperative grids of one block
 else:
@@ -176,21 +179,25 @@ else:
 THREAD_COUNTS = [4, 64] if SIMULATOR else [32, 256]
 
 
-#: The forward loop's modes (see ``numlstm.backends.cuda._forward_grid``) with the thread
-#: counts each is tested at: the grouped mode at both, the tiled mode (whose threads each
+#: The time loops' modes (see ``numlstm.backends.cuda._forward_grid``) with the thread
+#: counts each is tested at: the grouped mode at both, the tiled modes (whose threads each
 #: take whole dot products) at the larger only in the simulator, which is slow.
 LOOP_CONFIGS = [(count, "grouped") for count in THREAD_COUNTS] + [
-    (count, "tiled") for count in (THREAD_COUNTS[-1:] if SIMULATOR else THREAD_COUNTS)
+    (count, mode)
+    for mode in ("tiled", "staged")
+    for count in (THREAD_COUNTS[-1:] if SIMULATOR else THREAD_COUNTS)
 ]
 
 
 @pytest.fixture(params=LOOP_CONFIGS, ids=lambda config: f"threads={config[0]}-{config[1]}")
 def loop_config(request, monkeypatch):
-    """Threads per block and forward mode of the time loops for a test: tiled for every
-    batch, or never."""
+    """Threads per block and mode of the time loops for a test: grouped for every batch,
+    or tiled for every batch (reading from global memory, or staged through shared
+    memory)."""
     threads, mode = request.param
     monkeypatch.setattr(cuda_backend, "THREADS", threads)
-    monkeypatch.setattr(cuda_backend, "TILED_MIN_ITEMS", 1 if mode == "tiled" else 1 << 62)
+    monkeypatch.setattr(cuda_backend, "TILED_MIN_ITEMS", 1 << 62 if mode == "grouped" else 1)
+    monkeypatch.setattr(cuda_backend, "TILED_STAGED", mode == "staged")
     return request.param
 
 

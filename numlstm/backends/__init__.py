@@ -1,7 +1,7 @@
 """Backend dispatch: the one place that decides where the kernels run.
 
 A backend is a module that exposes the same kernel-level entry points,
-``layer_forward(x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save)`` and
+``layer_forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, save)`` and
 ``layer_backward(tape, d_y, d_h_n, d_c_n)`` (one layer, one direction, a padded batch with
 lengths; see :mod:`numlstm.backends.cpu`), plus the array namespace ``xp`` that the
 shared orchestration in :mod:`numlstm.functional` uses: NumPy on the CPU, and on other

@@ -1247,7 +1247,20 @@ def _unit_blocks_backward(w_hh, blocks):
 
 
 def layer_forward(
-    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
+    x,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    w_hr,
+    h0,
+    c0,
+    lengths,
+    reverse,
+    save,
+    peephole=None,
+    w_u=None,
+    b_u=None,
 ):
     """Run one layer and direction forward (entry point shared by every backend).
 
@@ -1255,8 +1268,8 @@ def layer_forward(
     ----------
     x : (T, B, I) array
     w_ih, w_hh : (4H, I), (4H, P) arrays
-    bias : (4H,) array
-        ``b_ih + b_hh``.
+    b_ih, b_hh : (4H,) arrays, or both None
+        The biases (None: none); the input projection adds their sum.
     w_hr : (P, H) array or None
         Projection weights.
     h0, c0 : (B, P), (B, H) arrays, or None
@@ -1280,6 +1293,7 @@ def layer_forward(
     hidden = w_hh.shape[0] // 4
     n_out = w_hh.shape[1]
     dtype = x.dtype
+    bias = np.zeros(4 * hidden, dtype) if b_ih is None else np.add(b_ih, b_hh)
     # The kernels take None for a part the cell does not have: Numba prunes the branches
     # that test it, so that each cell compiles (and caches) only its own code.
     w_hr_t = None if w_hr is None else np.ascontiguousarray(w_hr.T)

@@ -76,6 +76,15 @@ BATCH_TILE = 4
 #: weights.
 UNIT_WIDTH = 32
 
+#: The staged tiled mode's shared tiles (read when a kernel is compiled): at most
+#: ``UNIT_TILE`` units of a block, ``STAGE_SEQUENCES`` sequences a round, ``STAGE_DEPTH``
+#: inputs a stage.
+UNIT_TILE, STAGE_SEQUENCES, STAGE_DEPTH = 32, 64, 16
+
+#: Whether the tiled mode stages its operands through shared memory, where the units of a
+#: block fit in :data:`UNIT_TILE` (otherwise each thread reads them from global memory).
+TILED_STAGED = True
+
 #: The forward loop runs tiled from this many (sequence, unit) pairs ``B H`` on. Measured
 #: on an H100 (T = 100): tiled, (64, 1024) ran in 30 ms against 35 grouped and (256, 1024)
 #: in 69 against 131, but (64, 512) in 15.7 against 12.3 and (64, 128) in 5.3 against 3.0.
@@ -90,9 +99,10 @@ MAX_BLOCKS = None
 #: constant for sequences up to this length.
 INFERENCE_CHUNK = 1024
 
-#: Threads per block at most on any CUDA GPU: the size of the persistent kernels' shared
-#: scratch for partial sums, whatever :data:`THREADS` is.
-_MAX_BLOCK_THREADS = 1024
+#: Threads per block of the persistent kernels at most: the size of their shared scratch
+#: for partial sums, whatever :data:`THREADS` is (half of what a GPU allows, so that the
+#: float64 loop kernel keeps its shared arrays under 48 KB).
+_MAX_BLOCK_THREADS = 512
 
 
 @cuda.jit(device=True)
@@ -123,7 +133,7 @@ def _sum_groups(partial, rows, split):
 
 
 def _make_gemm_kernel(threads, micro, depth, name="gemm_kernel"):
-    """A tiled GEMM kernel: ``c = op(a) @ op(b) + bias``, one ``E x E`` tile of ``c`` per block.
+    """A tiled GEMM kernel: ``c = op(a) @ op(b) + bias + bias2``, one ``E x E`` tile per block.
 
     Blocks are ``(threads, threads)`` threads; each thread accumulates a ``micro x micro``
     tile of ``c`` in registers (rows ``ty + threads i``, columns ``tx + threads j``), so
@@ -140,7 +150,7 @@ def _make_gemm_kernel(threads, micro, depth, name="gemm_kernel"):
     padded = edge + 1  # a padded row keeps the transposing writes off one bank
     loads = edge * depth // (threads * threads)  # elements of each tile per thread
 
-    def gemm(a, b, bias, c, trans_a, trans_b):
+    def gemm(a, b, bias, bias2, c, trans_a, trans_b):
         # Shared tiles hold op(a)[rows, k0:k0 + depth] and op(b)[k0:k0 + depth, cols] with
         # the depth index first.
         tile_a = cuda.shared.array((depth, padded), dtype=c.dtype)
@@ -193,10 +203,15 @@ def _make_gemm_kernel(threads, micro, depth, name="gemm_kernel"):
             for j in range(micro):
                 col = col0 + tx + threads * j
                 if row < rows and col < cols:
-                    c[row, col] = acc[i, j] + bias[col] if bias.shape[0] > 0 else acc[i, j]
+                    value = acc[i, j]
+                    if bias.shape[0] > 0:
+                        value += bias[col]
+                    if bias2.shape[0] > 0:
+                        value += bias2[col]
+                    c[row, col] = value
 
     gemm.__name__ = gemm.__qualname__ = name  # the module attribute it is bound to
-    gemm.__doc__ = f"""``c = op(a) @ op(b) + bias`` in tiles of {edge} x {edge}: see
+    gemm.__doc__ = f"""``c = op(a) @ op(b) + bias + bias2`` in tiles of {edge} x {edge}: see
     :func:`_make_gemm_kernel`. Launch with blocks of ``({threads}, {threads})`` threads on a
     grid of ``(ceil(N / {edge}), ceil(M / {edge}))`` blocks.
 
@@ -204,7 +219,7 @@ def _make_gemm_kernel(threads, micro, depth, name="gemm_kernel"):
     ----------
     a : (M, K) array, or (K, M) with ``trans_a``
     b : (K, N) array, or (N, K) with ``trans_b``
-    bias : (N,) array, or (0,) for none
+    bias, bias2 : (N,) arrays, or (0,) for none
         Added to every row of ``c``.
     c : (M, N) array, out
         Must not alias ``a`` or ``b``.
@@ -232,8 +247,9 @@ gemm_kernel_wide = _gemm_equations(
     _make_gemm_kernel(GEMM_THREADS, GEMM_MICRO_WIDE, GEMM_DEPTH, "gemm_kernel_wide")
 )
 
-#: The wide GEMM runs where it still gives at least this many blocks.
-GEMM_WIDE_MIN_BLOCKS = 264
+#: The wide GEMM runs where it still gives at least this many blocks (measured on an H100:
+#: the weight gradients at B = 256, H = 1024, 256 wide blocks, ran faster wide).
+GEMM_WIDE_MIN_BLOCKS = 256
 
 
 @implements(
@@ -307,10 +323,11 @@ def forward_loop(
     unit_width : int
         Hidden units per slice: the grid is ``ceil(H / unit_width)`` slices of units
         times as many slices of the batch as fit in it, one block per pair.
-    tiled : bool
-        Each thread computes one unit for :data:`BATCH_TILE` sequences, the weights it
-        reads serving them all (for large batches); otherwise each (sequence, unit) item
-        is a thread, or a group of threads that share its dot products.
+    tiled : int
+        1 or 2: each thread computes one unit for :data:`BATCH_TILE` sequences, the
+        weights it reads serving them all (for large batches), reading them from global
+        memory (1) or through shared tiles (2, :func:`_staged_tiles`); 0: each (sequence,
+        unit) item is a thread, or a group of threads that share its dot products.
     h0, c0 : (B, P), (B, H) arrays, or ``(0, 0)`` for zeros
         The initial states, copied into their slot of the rings by the launch that runs
         the direction's first step.
@@ -344,6 +361,8 @@ def forward_loop(
     sequences = max(0, min(batch, b_lo + per_block) - b_lo)
     tid = cuda.threadIdx.x
     partial = cuda.shared.array((4, _MAX_BLOCK_THREADS), dtype=y.dtype)
+    tile_w = cuda.shared.array((4, STAGE_DEPTH, UNIT_TILE), dtype=y.dtype)
+    tile_h = cuda.shared.array((STAGE_SEQUENCES, STAGE_DEPTH), dtype=y.dtype)
     acc = cuda.local.array((4, BATCH_TILE), dtype=y.dtype)
     rows = cuda.local.array(BATCH_TILE, dtype=types.int64)
     items = sequences * units
@@ -360,51 +379,68 @@ def forward_loop(
         prev = (t + 1) % slots if reverse else t % slots
         cur = t % slots if reverse else (t + 1) % slots
         a = gates[t - t_lo]
-        if tiled:
+        if tiled == 2:
+            _staged_tiles(
+                a,
+                t,
+                prev,
+                cur,
+                w_hh_t,
+                b_lo,
+                sequences,
+                j_lo,
+                units,
+                acc,
+                tile_w,
+                tile_h,
+                lengths,
+                peephole,
+                c_seq,
+                h_seq,
+                r_seq,
+                m_seq,
+                y,
+            )
+        for base in range(0, groups * units if tiled == 1 else 0, cuda.blockDim.x):
             # Each thread: unit j (neighbouring threads, neighbouring units), BATCH_TILE
             # sequences, whose rows of h_{t-1} every thread of a warp reads alike.
-            for base in range(0, groups * units, cuda.blockDim.x):
-                item = base + tid
-                j = j_lo + item % units
-                b0 = b_lo + (item // units) * BATCH_TILE
-                if item < groups * units:
+            item = base + tid
+            j = j_lo + item % units
+            b0 = b_lo + (item // units) * BATCH_TILE
+            if item < groups * units:
+                for q in range(BATCH_TILE):
+                    rows[q] = min(b0 + q, b_lo + sequences - 1)
+                    for gate in range(4):
+                        acc[gate, q] = zero
+                for k in range(n_out):
+                    w_i = w_hh_t[k, j]
+                    w_f = w_hh_t[k, hidden + j]
+                    w_g = w_hh_t[k, 2 * hidden + j]
+                    w_o = w_hh_t[k, 3 * hidden + j]
                     for q in range(BATCH_TILE):
-                        rows[q] = min(b0 + q, b_lo + sequences - 1)
-                        for gate in range(4):
-                            acc[gate, q] = zero
-                    for k in range(n_out):
-                        w_i = w_hh_t[k, j]
-                        w_f = w_hh_t[k, hidden + j]
-                        w_g = w_hh_t[k, 2 * hidden + j]
-                        w_o = w_hh_t[k, 3 * hidden + j]
-                        for q in range(BATCH_TILE):
-                            h_k = h_seq[prev, rows[q], k]
-                            acc[0, q] += h_k * w_i
-                            acc[1, q] += h_k * w_f
-                            acc[2, q] += h_k * w_g
-                            acc[3, q] += h_k * w_o
-                    for q in range(BATCH_TILE):
-                        if b0 + q < b_lo + sequences:
-                            b = b0 + q
-                            _update_unit(
-                                a,
-                                t,
-                                b,
-                                j,
-                                acc[0, q],
-                                acc[1, q],
-                                acc[2, q],
-                                acc[3, q],
-                                prev,
-                                cur,
-                                lengths,
-                                peephole,
-                                c_seq,
-                                h_seq,
-                                r_seq,
-                                m_seq,
-                                y,
-                            )
+                        h_k = h_seq[prev, rows[q], k]
+                        acc[0, q] += h_k * w_i
+                        acc[1, q] += h_k * w_f
+                        acc[2, q] += h_k * w_g
+                        acc[3, q] += h_k * w_o
+            _update_tile(
+                item < groups * units,
+                a,
+                t,
+                b0,
+                j,
+                acc,
+                b_lo + sequences,
+                prev,
+                cur,
+                lengths,
+                peephole,
+                c_seq,
+                h_seq,
+                r_seq,
+                m_seq,
+                y,
+            )
         # Otherwise each (sequence, unit) item is a group of `split` threads that share its
         # four dot products with W_hh, so that a few items still keep the block busy; the
         # group's first thread updates the unit.
@@ -496,6 +532,134 @@ def forward_loop(
 
 
 @cuda.jit(device=True)
+def _update_tile(
+    active, a, t, b0, j, acc, b_end, prev, cur, lengths, peephole, c_seq, h_seq, r_seq, m_seq, y
+):
+    """The cell updates of unit ``j`` for the sequences ``b0`` to ``b0 + BATCH_TILE - 1``
+    below ``b_end``, given their recurrent products ``acc[gate, q]`` (nothing if not
+    ``active``): see :func:`_update_unit`."""
+    if active:
+        for q in range(BATCH_TILE):
+            if b0 + q < b_end:
+                _update_unit(
+                    a,
+                    t,
+                    b0 + q,
+                    j,
+                    acc[0, q],
+                    acc[1, q],
+                    acc[2, q],
+                    acc[3, q],
+                    prev,
+                    cur,
+                    lengths,
+                    peephole,
+                    c_seq,
+                    h_seq,
+                    r_seq,
+                    m_seq,
+                    y,
+                )
+
+
+@cuda.jit(device=True)
+def _staged_tiles(
+    a,
+    t,
+    prev,
+    cur,
+    w_hh_t,
+    b_lo,
+    sequences,
+    j_lo,
+    units,
+    acc,
+    tile_w,
+    tile_h,
+    lengths,
+    peephole,
+    c_seq,
+    h_seq,
+    r_seq,
+    m_seq,
+    y,
+):
+    """Step ``t`` of :func:`forward_loop`'s staged mode for one block: its ``units`` units
+    (at most :data:`UNIT_TILE`) of its ``sequences`` sequences from ``b_lo``.
+
+    Thread ``tid`` takes unit ``tid % units`` for :data:`BATCH_TILE` sequences, in rounds
+    of at most :data:`STAGE_SEQUENCES` sequences. The block's columns of ``W_hh^T`` and
+    the round's rows of ``h_{t-1}`` pass through shared memory (``tile_w``, ``tile_h``)
+    :data:`STAGE_DEPTH` inputs at a time, each value read once from global memory by the
+    block and then by its threads from shared memory. Every thread of the block must call
+    it (it synchronises the block).
+    """
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    hidden = c_seq.shape[2]
+    n_out = h_seq.shape[2]
+    zero = y.dtype.type(0)
+    per_round = min(threads // units, STAGE_SEQUENCES // BATCH_TILE)  # groups of sequences
+    groups = -(-sequences // BATCH_TILE)
+    group = tid // units  # the thread's group in a round
+    jj = tid % units
+    for g0 in range(0, groups, per_round):
+        active = group < per_round and g0 + group < groups
+        s_lo = g0 * BATCH_TILE  # the round's first sequence, from b_lo
+        n_seq = min(per_round * BATCH_TILE, sequences - s_lo)
+        for q in range(BATCH_TILE):
+            for gate in range(4):
+                acc[gate, q] = zero
+        for k0 in range(0, n_out, STAGE_DEPTH):
+            # Neighbouring threads read neighbouring units of a gate, and neighbouring
+            # inputs of a row of h.
+            for e in range(tid, STAGE_DEPTH * 4 * units, threads):
+                kk = e // (4 * units)
+                gate = (e % (4 * units)) // units
+                u = e % units
+                inside = k0 + kk < n_out
+                column = gate * hidden + j_lo + u
+                tile_w[gate, kk, u] = w_hh_t[k0 + kk, column] if inside else zero
+            for e in range(tid, STAGE_DEPTH * n_seq, threads):
+                s = e // STAGE_DEPTH
+                kk = e % STAGE_DEPTH
+                inside = k0 + kk < n_out
+                tile_h[s, kk] = h_seq[prev, b_lo + s_lo + s, k0 + kk] if inside else zero
+            cuda.syncthreads()
+            if active:
+                for kk in range(STAGE_DEPTH):
+                    w_i = tile_w[0, kk, jj]
+                    w_f = tile_w[1, kk, jj]
+                    w_g = tile_w[2, kk, jj]
+                    w_o = tile_w[3, kk, jj]
+                    for q in range(BATCH_TILE):
+                        h_k = tile_h[group * BATCH_TILE + q, kk]
+                        acc[0, q] += h_k * w_i
+                        acc[1, q] += h_k * w_f
+                        acc[2, q] += h_k * w_g
+                        acc[3, q] += h_k * w_o
+            cuda.syncthreads()  # the next stage overwrites the tiles
+        _update_tile(
+            active,
+            a,
+            t,
+            b_lo + s_lo + group * BATCH_TILE,
+            j_lo + jj,
+            acc,
+            b_lo + sequences,
+            prev,
+            cur,
+            lengths,
+            peephole,
+            c_seq,
+            h_seq,
+            r_seq,
+            m_seq,
+            y,
+        )
+
+
+@cuda.jit(device=True)
 def _update_unit(
     a, t, b, j, s_i, s_f, s_g, s_o, prev, cur, lengths, peephole, c_seq, h_seq, r_seq, m_seq, y
 ):
@@ -578,6 +742,7 @@ def backward_loop(
     w_u,
     lengths,
     reverse,
+    tiled,
     gates,
     c_seq,
     u_seq,
@@ -607,6 +772,10 @@ def backward_loop(
     w_u : (H, H) array, or ``(0, 0)``
     lengths : (B,) int64 array
     reverse : bool
+    tiled : bool
+        Each thread computes one output of ``δa_t W_hh`` for :data:`BATCH_TILE` sequences
+        (for large batches); otherwise each (sequence, output) item is a thread, or a
+        group of threads that share its dot product.
     gates, c_seq, u_seq : arrays
         The tape of a forward pass with ``C == T``, ``S == T + 1`` (and ``R == T``).
     d_y : (T, B, P) array
@@ -636,6 +805,9 @@ def backward_loop(
     partial = cuda.shared.array((1, _MAX_BLOCK_THREADS), dtype=d_y.dtype)
     products = batch * n_out
     split = _threads_per_item(products, cuda.gridsize(1))
+    acc = cuda.local.array(BATCH_TILE, dtype=d_y.dtype)
+    rows = cuda.local.array(BATCH_TILE, dtype=types.int64)
+    groups = -(-batch // BATCH_TILE)
     first = 0 if reverse else steps_total - 1
     for item in range(cuda.grid(1), batch * hidden, cuda.gridsize(1)):
         d_c[item // hidden, item % hidden] = (
@@ -715,8 +887,35 @@ def backward_loop(
             d_gates[t, b, 3 * hidden + j] = d_a_o
         grid.sync()
         following = t + 1 if reverse else t - 1
-        # Each (sequence, output) item of δa_t W_hh is a group of `split` threads.
-        for base in range(0, products * split, cuda.gridsize(1)):
+        if tiled:
+            # Each thread: output k (neighbouring threads, neighbouring outputs) for
+            # BATCH_TILE sequences, each weight it reads serving them all.
+            for item in range(cuda.grid(1), groups * n_out, cuda.gridsize(1)):
+                k = item % n_out
+                b0 = (item // n_out) * BATCH_TILE
+                for q in range(BATCH_TILE):
+                    rows[q] = min(b0 + q, batch - 1)
+                    acc[q] = zero
+                for gj in range(four_hidden):
+                    w = w_hh[gj, k]
+                    for q in range(BATCH_TILE):
+                        acc[q] += d_gates[t, rows[q], gj] * w
+                for q in range(BATCH_TILE):
+                    if b0 + q < batch:
+                        _carry_d_h(
+                            acc[q],
+                            t,
+                            following,
+                            n + 1 < steps_total,
+                            b0 + q,
+                            k,
+                            lengths,
+                            d_y,
+                            d_h,
+                            d_hs,
+                        )
+        # Otherwise each (sequence, output) item of δa_t W_hh is a group of `split` threads.
+        for base in range(0, 0 if tiled else products * split, cuda.gridsize(1)):
             item = (base + cuda.grid(1)) // split
             b = item // n_out
             k = item % n_out
@@ -732,12 +931,31 @@ def backward_loop(
             partial[0, tid] = total
             _sum_groups(partial, 1, split)
             if active and tid % split == 0:
-                if real:
-                    d_h[b, k] = partial[0, tid]
-                if n + 1 < steps_total:
-                    real = following < lengths[b]
-                    d_hs[following, b, k] = d_h[b, k] + d_y[following, b, k] if real else zero
+                _carry_d_h(
+                    partial[0, tid],
+                    t,
+                    following,
+                    n + 1 < steps_total,
+                    b,
+                    k,
+                    lengths,
+                    d_y,
+                    d_h,
+                    d_hs,
+                )
             cuda.syncthreads()  # the next round overwrites partial
+
+
+@cuda.jit(device=True)
+def _carry_d_h(product, t, following, more, b, k, lengths, d_y, d_h, d_hs):
+    """``δh`` of sequence ``b``, output ``k``, after step ``t`` of :func:`backward_loop`:
+    the recurrent product ``(δa_t W_hh)[b, k]`` where step ``t`` is real (``δh`` carries
+    over a padded step), and, if ``more`` steps follow, ``δh`` at the ``following`` step."""
+    if t < lengths[b]:
+        d_h[b, k] = product
+    if more:
+        real = following < lengths[b]
+        d_hs[following, b, k] = d_h[b, k] + d_y[following, b, k] if real else d_y.dtype.type(0)
 
 
 @implements("d-peephole-weights", backend="cuda")
@@ -766,6 +984,42 @@ def peephole_gradient_kernel(d_gates, c_seq, reverse, d_peephole):
     d_peephole[row, j] = total
 
 
+#: Rows of threads per block of :func:`column_sum_kernel` (its blocks are 32 columns wide).
+_SUM_ROWS = 8
+
+
+@implements("d-weights", "d-use-weights", backend="cuda")
+@cuda.jit
+def column_sum_kernel(a, out):
+    """``out[j] = sum_r a[r, j]``: the bias gradients ``δb = sum_t δa_t`` (rows are the
+    (step, sequence) pairs). Blocks of ``(32, 8)`` threads on ``ceil(N / 32)`` blocks: a
+    warp reads 32 neighbouring columns of a row, each of the 8 rows of threads every 8th
+    row of ``a``, and the 8 partial sums are added in a fixed order (the result does not
+    depend on timing)."""
+    partial = cuda.shared.array((_SUM_ROWS, 32), dtype=out.dtype)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    rows, cols = a.shape
+    j = cuda.blockIdx.x * 32 + tx
+    total = out.dtype.type(0)
+    if j < cols:
+        for r in range(ty, rows, _SUM_ROWS):
+            total += a[r, j]
+    partial[ty, tx] = total
+    cuda.syncthreads()
+    if ty == 0 and j < cols:
+        for k in range(1, _SUM_ROWS):
+            total += partial[k, tx]
+        out[j] = total
+
+
+def _column_sums(a):
+    """The sums of a 2-D device array's columns, as a 1-D device array."""
+    out = cuda_array.empty(a.shape[1], a.dtype)
+    column_sum_kernel[-(-a.shape[1] // 32), (32, _SUM_ROWS)](a, out)
+    return out
+
+
 @cuda.jit
 def transpose_kernel(src, dst):
     """``dst = src.T`` for 2-D arrays."""
@@ -776,18 +1030,18 @@ def transpose_kernel(src, dst):
 
 
 def _signature_gemm(f):
-    return (f[:, ::1], f[:, ::1], f[::1], f[:, ::1], types.boolean, types.boolean)
+    return (f[:, ::1], f[:, ::1], f[::1], f[::1], f[:, ::1], types.boolean, types.boolean)
 
 
 def _signature_forward(f):
     c1, c2, c3 = f[::1], f[:, ::1], f[:, :, ::1]
-    steps = (types.int64[::1], types.boolean, types.int64, types.int64, types.int64, types.boolean)
+    steps = (types.int64[::1], types.boolean, types.int64, types.int64, types.int64, types.int64)
     return (c2, c2, c2, c2, c2, c1, *steps, c2, c2, c3, c3, c3, c3, c3, c3, c3, c2, c2)
 
 
 def _signature_backward(f):
     c2, c3 = f[:, ::1], f[:, :, ::1]
-    loop = (types.int64[::1], types.boolean)
+    loop = (types.int64[::1], types.boolean, types.boolean)
     return (c2, c2, c2, c2, c2, *loop, c3, c3, c3, c3, c2, c2, c2, c2, c3, c3, c3)
 
 
@@ -802,6 +1056,7 @@ KERNEL_SIGNATURES = {
     backward_loop: _signature_backward,
     peephole_gradient_kernel: lambda f: (f[:, :, ::1], f[:, :, ::1], types.boolean, f[:, ::1]),
     transpose_kernel: lambda f: (f[:, ::1], f[:, ::1]),
+    column_sum_kernel: lambda f: (f[:, ::1], f[::1]),
     **cuda_array.ARRAY_KERNELS,
 }
 
@@ -810,22 +1065,23 @@ def _simulated():
     return bool(config.ENABLE_CUDASIM)
 
 
-def gemm(a, b, c, bias=None, trans_a=False, trans_b=False):
-    """``c[...] = op(a) @ op(b) (+ bias)`` on the device; 2-D C-contiguous arrays.
+def gemm(a, b, c, bias=None, trans_a=False, trans_b=False, bias2=None):
+    """``c[...] = op(a) @ op(b) (+ bias) (+ bias2)`` on the device; 2-D C-contiguous arrays.
 
     Runs :data:`gemm_kernel_wide` where its tiles still make :data:`GEMM_WIDE_MIN_BLOCKS`
     blocks, :data:`gemm_kernel` otherwise.
     """
     rows, cols = c.shape
-    if bias is None:
-        bias = cuda_array.empty(0, c.dtype)
+    none = cuda_array.empty(0, c.dtype)
+    bias = none if bias is None else bias
+    bias2 = none if bias2 is None else bias2
     if not (rows and cols):
         return
     kernel = gemm_kernel_wide
     if _tiles(rows, cols, kernel.edge)[2] < GEMM_WIDE_MIN_BLOCKS:
         kernel = gemm_kernel
     n_x, n_y, _ = _tiles(rows, cols, kernel.edge)
-    kernel[(n_x, n_y), (kernel.threads, kernel.threads)](a, b, bias, c, trans_a, trans_b)
+    kernel[(n_x, n_y), (kernel.threads, kernel.threads)](a, b, bias, bias2, c, trans_a, trans_b)
 
 
 def _tiles(rows, cols, edge):
@@ -864,34 +1120,22 @@ def _max_blocks(kernel, args):
 def _forward_grid(batch, hidden, max_blocks):
     """Blocks, units per block and mode of :func:`forward_loop` for a batch and layer.
 
-    Large batches run tiled: slices of :data:`UNIT_WIDTH` units times slices of the batch
-    (a round of :data:`THREADS` threads each, :data:`BATCH_TILE` sequences a thread, where
-    the blocks allow). Otherwise the blocks share the units among them, each with the
-    whole batch.
+    Large batches run tiled (mode 2, staged through shared memory where a block's units
+    fit its tiles, else mode 1): slices of :data:`UNIT_WIDTH` units times slices of the
+    batch (a round of :data:`THREADS` threads each, :data:`BATCH_TILE` sequences a
+    thread, where the blocks allow). Otherwise (mode 0) the blocks share the units among
+    them, each with the whole batch.
     """
     if batch * hidden >= TILED_MIN_ITEMS:
         unit_width = max(min(UNIT_WIDTH, hidden), -(-hidden // max_blocks))
         unit_slices = -(-hidden // unit_width)
         per_block = BATCH_TILE * max(1, THREADS // unit_width)
         batch_slices = max(1, min(-(-batch // per_block), max_blocks // unit_slices))
-        return unit_slices * batch_slices, unit_width, True
+        staged = TILED_STAGED and unit_width <= UNIT_TILE
+        return unit_slices * batch_slices, unit_width, 2 if staged else 1
     blocks = min(max_blocks, hidden)
     unit_width = -(-hidden // blocks)
-    return -(-hidden // unit_width), unit_width, False
-
-
-_ONES: dict[tuple, object] = {}
-
-
-def _ones(count, dtype):
-    """A ``(1, count)`` device array of ones (the bias gradients sum rows as a product
-    with it), kept for reuse: at most 16, whose sizes are those of recent batches."""
-    key = (count, np.dtype(dtype))
-    if key not in _ONES:
-        if len(_ONES) >= 16:
-            _ONES.clear()
-        _ONES[key] = cuda_array.full((1, count), 1, dtype)
-    return _ONES[key]
+    return -(-hidden // unit_width), unit_width, 0
 
 
 class LayerTape(NamedTuple):
@@ -919,7 +1163,20 @@ class LayerTape(NamedTuple):
 
 
 def layer_forward(
-    x, w_ih, w_hh, bias, w_hr, h0, c0, lengths, reverse, save, peephole=None, w_u=None, b_u=None
+    x,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    w_hr,
+    h0,
+    c0,
+    lengths,
+    reverse,
+    save,
+    peephole=None,
+    w_u=None,
+    b_u=None,
 ):
     """Run one layer and direction forward (entry point shared by every backend).
 
@@ -928,7 +1185,8 @@ def layer_forward(
     """
     x = cuda_array.ascontiguousarray(x)
     w_ih, w_hh = cuda_array.device_parameter(w_ih), cuda_array.device_parameter(w_hh)
-    bias = cuda_array.ascontiguousarray(bias)
+    if b_ih is not None:
+        b_ih, b_hh = cuda_array.device_parameter(b_ih), cuda_array.device_parameter(b_hh)
     steps_total, batch, n_inputs = x.shape
     hidden = w_hh.shape[0] // 4
     n_out = w_hh.shape[1]
@@ -970,13 +1228,16 @@ def layer_forward(
             x_chunk.reshape(((t_hi - t_lo) * batch, n_inputs)),
             w_ih,
             pre.reshape(((t_hi - t_lo) * batch, 4 * hidden)),
-            bias,
+            b_ih,
             trans_b=True,
+            bias2=b_hh,
         )
         args = (w_hh, w_hh_t, w_hr_t, peephole, w_u_t, b_u, d_lengths, reverse, t_lo, t_hi)
         states = (h0, c0, gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, h_n, c_n)
         if n == 0:
-            max_blocks = _max_blocks(forward_loop, (*args, 1, False, *states))
+            if THREADS > _MAX_BLOCK_THREADS:
+                raise ValueError(f"THREADS must be at most {_MAX_BLOCK_THREADS}, got {THREADS}")
+            max_blocks = _max_blocks(forward_loop, (*args, 1, 0, *states))
             blocks, unit_width, tiled = _forward_grid(batch, hidden, max_blocks)
         forward_loop[blocks, THREADS](*args, unit_width, tiled, *states)
     tape = None
@@ -1024,7 +1285,11 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_hs = cuda_array.empty((steps_total, batch, n_out), dtype)
     d_u = cuda_array.empty(tape.u_seq.shape, dtype)
     w_hh_t = _transpose(w_hh)
-    args = (w_hh, w_hh_t, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tape.gates)
+    if THREADS > _MAX_BLOCK_THREADS:
+        raise ValueError(f"THREADS must be at most {_MAX_BLOCK_THREADS}, got {THREADS}")
+    tiled = batch * hidden >= TILED_MIN_ITEMS
+    args = (w_hh, w_hh_t, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tiled)
+    args = (*args, tape.gates)
     args = (*args, tape.c_seq, tape.u_seq, d_y, d_h_n, d_c_n, d_h, d_c, d_gates, d_hs, d_u)
     backward_loop[min(_max_blocks(backward_loop, args), hidden), THREADS](*args)
 
@@ -1037,9 +1302,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     h_prev = tape.h_seq[1:] if tape.reverse else tape.h_seq[:steps_total]
     d_w_hh = cuda_array.empty(w_hh.shape, dtype)
     gemm(d_a, h_prev.reshape((rows, n_out)), d_w_hh, trans_a=True)
-    ones = _ones(rows, dtype)
-    d_bias = cuda_array.empty((1, 4 * hidden), dtype)
-    gemm(ones, d_a, d_bias)
+    d_bias = _column_sums(d_a)
     d_w_hr = None
     if projecting:
         d_w_hr = cuda_array.empty(w_hr.shape, dtype)
@@ -1054,16 +1317,14 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         d_a_u = d_u.reshape((rows, hidden))
         d_w_u = cuda_array.empty(tape.w_u.shape, dtype)
         gemm(d_a_u, tape.m_seq.reshape((rows, hidden)), d_w_u, trans_a=True)
-        d_b_u = cuda_array.empty((1, hidden), dtype)
-        gemm(ones, d_a_u, d_b_u)
-        d_b_u = d_b_u.reshape(hidden)
+        d_b_u = _column_sums(d_a_u)
     return LayerGrads(
         d_x,
         d_h,
         d_c,
         d_w_ih,
         d_w_hh,
-        d_bias.reshape(4 * hidden),
+        d_bias,
         d_w_hr,
         d_peephole,
         d_w_u,
