@@ -164,9 +164,6 @@ if SIMULATOR:
     cuda_backend.gemm_kernel = cuda_backend._make_gemm_kernel(2, 2, 4)
     cuda_backend.gemm_kernel_wide = cuda_backend._make_gemm_kernel(2, 4, 4, "gemm_kernel_wide")
     cuda_backend.BATCH_TILE = 2  # the test batches (3, 4) make whole and partial tiles
-    # Stages of 2 inputs and rounds of one group of sequences: several of each.
-    cuda_backend.STAGE_DEPTH = 2
-    cuda_backend.STAGE_SEQUENCES = 2
     cuda_backend.cuda_array.THREADS = 8
     BLOCK_CAPS = [None]  # the simulator runs cooperative grids of one block
 else:
@@ -183,21 +180,17 @@ THREAD_COUNTS = [4, 64] if SIMULATOR else [32, 256]
 #: counts each is tested at: the grouped mode at both, the tiled modes (whose threads each
 #: take whole dot products) at the larger only in the simulator, which is slow.
 LOOP_CONFIGS = [(count, "grouped") for count in THREAD_COUNTS] + [
-    (count, mode)
-    for mode in ("tiled", "staged")
-    for count in (THREAD_COUNTS[-1:] if SIMULATOR else THREAD_COUNTS)
+    (count, "tiled") for count in (THREAD_COUNTS[-1:] if SIMULATOR else THREAD_COUNTS)
 ]
 
 
 @pytest.fixture(params=LOOP_CONFIGS, ids=lambda config: f"threads={config[0]}-{config[1]}")
 def loop_config(request, monkeypatch):
     """Threads per block and mode of the time loops for a test: grouped for every batch,
-    or tiled for every batch (reading from global memory, or staged through shared
-    memory)."""
+    or tiled for every batch."""
     threads, mode = request.param
     monkeypatch.setattr(cuda_backend, "THREADS", threads)
     monkeypatch.setattr(cuda_backend, "TILED_MIN_ITEMS", 1 << 62 if mode == "grouped" else 1)
-    monkeypatch.setattr(cuda_backend, "TILED_STAGED", mode == "staged")
     return request.param
 
 

@@ -18,8 +18,10 @@ A forward pass of one layer and direction is two launches, whatever the sequence
    memory, so that every thread has work.
 
 A backward pass is :func:`backward_loop` (one cooperative launch for the time loop, two
-barriers per step, three for the LTM/STM cell) followed by GEMMs over all steps for ``d_x``
-and the weight gradients (and :func:`peephole_gradient_kernel` for the peephole cell).
+barriers per step, three for the LTM/STM cell; its product ``δa_t W_hh`` tiled like the
+forward loop for large batches) followed by GEMMs over all steps for ``d_x`` and the
+weight gradients, :func:`column_sum_kernel` for the bias gradients (and
+:func:`peephole_gradient_kernel` for the peephole cell).
 The gate math is :mod:`numlstm.gates`, the same ``@njit`` functions the CPU kernels call:
 a CUDA kernel compiles them for the device.
 
@@ -76,18 +78,11 @@ BATCH_TILE = 4
 #: weights.
 UNIT_WIDTH = 32
 
-#: The staged tiled mode's shared tiles (read when a kernel is compiled): at most
-#: ``UNIT_TILE`` units of a block, ``STAGE_SEQUENCES`` sequences a round, ``STAGE_DEPTH``
-#: inputs a stage.
-UNIT_TILE, STAGE_SEQUENCES, STAGE_DEPTH = 32, 64, 16
 
-#: Whether the tiled mode stages its operands through shared memory, where the units of a
-#: block fit in :data:`UNIT_TILE` (otherwise each thread reads them from global memory).
-TILED_STAGED = True
-
-#: The forward loop runs tiled from this many (sequence, unit) pairs ``B H`` on. Measured
-#: on an H100 (T = 100): tiled, (64, 1024) ran in 30 ms against 35 grouped and (256, 1024)
-#: in 69 against 131, but (64, 512) in 15.7 against 12.3 and (64, 128) in 5.3 against 3.0.
+#: Both time loops run tiled from this many (sequence, unit) pairs ``B H`` on. Measured on
+#: an H100 (T = 100, forward ms, tiled against grouped): (256, 1024) 68 against 132,
+#: (256, 512) 17 against 38, (64, 1024) 29 against 35, but (64, 512) 15.7 against 12.3,
+#: (8, 512) 9.7 against 3.3 (``bench/results/gpu-h100-modes.txt``).
 TILED_MIN_ITEMS = 64 * 1024
 
 #: Upper bound on the blocks of a persistent kernel (None: as many as can be co-resident,
@@ -99,10 +94,9 @@ MAX_BLOCKS = None
 #: constant for sequences up to this length.
 INFERENCE_CHUNK = 1024
 
-#: Threads per block of the persistent kernels at most: the size of their shared scratch
-#: for partial sums, whatever :data:`THREADS` is (half of what a GPU allows, so that the
-#: float64 loop kernel keeps its shared arrays under 48 KB).
-_MAX_BLOCK_THREADS = 512
+#: Threads per block at most on any CUDA GPU: the size of the persistent kernels' shared
+#: scratch for partial sums, whatever :data:`THREADS` is.
+_MAX_BLOCK_THREADS = 1024
 
 
 @cuda.jit(device=True)
@@ -323,11 +317,10 @@ def forward_loop(
     unit_width : int
         Hidden units per slice: the grid is ``ceil(H / unit_width)`` slices of units
         times as many slices of the batch as fit in it, one block per pair.
-    tiled : int
-        1 or 2: each thread computes one unit for :data:`BATCH_TILE` sequences, the
-        weights it reads serving them all (for large batches), reading them from global
-        memory (1) or through shared tiles (2, :func:`_staged_tiles`); 0: each (sequence,
-        unit) item is a thread, or a group of threads that share its dot products.
+    tiled : bool
+        Each thread computes one unit for :data:`BATCH_TILE` sequences, the weights it
+        reads serving them all (for large batches); otherwise each (sequence, unit) item
+        is a thread, or a group of threads that share its dot products.
     h0, c0 : (B, P), (B, H) arrays, or ``(0, 0)`` for zeros
         The initial states, copied into their slot of the rings by the launch that runs
         the direction's first step.
@@ -361,8 +354,6 @@ def forward_loop(
     sequences = max(0, min(batch, b_lo + per_block) - b_lo)
     tid = cuda.threadIdx.x
     partial = cuda.shared.array((4, _MAX_BLOCK_THREADS), dtype=y.dtype)
-    tile_w = cuda.shared.array((4, STAGE_DEPTH, UNIT_TILE), dtype=y.dtype)
-    tile_h = cuda.shared.array((STAGE_SEQUENCES, STAGE_DEPTH), dtype=y.dtype)
     acc = cuda.local.array((4, BATCH_TILE), dtype=y.dtype)
     rows = cuda.local.array(BATCH_TILE, dtype=types.int64)
     items = sequences * units
@@ -379,29 +370,7 @@ def forward_loop(
         prev = (t + 1) % slots if reverse else t % slots
         cur = t % slots if reverse else (t + 1) % slots
         a = gates[t - t_lo]
-        if tiled == 2:
-            _staged_tiles(
-                a,
-                t,
-                prev,
-                cur,
-                w_hh_t,
-                b_lo,
-                sequences,
-                j_lo,
-                units,
-                acc,
-                tile_w,
-                tile_h,
-                lengths,
-                peephole,
-                c_seq,
-                h_seq,
-                r_seq,
-                m_seq,
-                y,
-            )
-        for base in range(0, groups * units if tiled == 1 else 0, cuda.blockDim.x):
+        for base in range(0, groups * units if tiled else 0, cuda.blockDim.x):
             # Each thread: unit j (neighbouring threads, neighbouring units), BATCH_TILE
             # sequences, whose rows of h_{t-1} every thread of a warp reads alike.
             item = base + tid
@@ -560,103 +529,6 @@ def _update_tile(
                     m_seq,
                     y,
                 )
-
-
-@cuda.jit(device=True)
-def _staged_tiles(
-    a,
-    t,
-    prev,
-    cur,
-    w_hh_t,
-    b_lo,
-    sequences,
-    j_lo,
-    units,
-    acc,
-    tile_w,
-    tile_h,
-    lengths,
-    peephole,
-    c_seq,
-    h_seq,
-    r_seq,
-    m_seq,
-    y,
-):
-    """Step ``t`` of :func:`forward_loop`'s staged mode for one block: its ``units`` units
-    (at most :data:`UNIT_TILE`) of its ``sequences`` sequences from ``b_lo``.
-
-    Thread ``tid`` takes unit ``tid % units`` for :data:`BATCH_TILE` sequences, in rounds
-    of at most :data:`STAGE_SEQUENCES` sequences. The block's columns of ``W_hh^T`` and
-    the round's rows of ``h_{t-1}`` pass through shared memory (``tile_w``, ``tile_h``)
-    :data:`STAGE_DEPTH` inputs at a time, each value read once from global memory by the
-    block and then by its threads from shared memory. Every thread of the block must call
-    it (it synchronises the block).
-    """
-    tid = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    hidden = c_seq.shape[2]
-    n_out = h_seq.shape[2]
-    zero = y.dtype.type(0)
-    per_round = min(threads // units, STAGE_SEQUENCES // BATCH_TILE)  # groups of sequences
-    groups = -(-sequences // BATCH_TILE)
-    group = tid // units  # the thread's group in a round
-    jj = tid % units
-    for g0 in range(0, groups, per_round):
-        active = group < per_round and g0 + group < groups
-        s_lo = g0 * BATCH_TILE  # the round's first sequence, from b_lo
-        n_seq = min(per_round * BATCH_TILE, sequences - s_lo)
-        for q in range(BATCH_TILE):
-            for gate in range(4):
-                acc[gate, q] = zero
-        for k0 in range(0, n_out, STAGE_DEPTH):
-            # Neighbouring threads read neighbouring units of a gate, and neighbouring
-            # inputs of a row of h.
-            for e in range(tid, STAGE_DEPTH * 4 * units, threads):
-                kk = e // (4 * units)
-                gate = (e % (4 * units)) // units
-                u = e % units
-                inside = k0 + kk < n_out
-                column = gate * hidden + j_lo + u
-                tile_w[gate, kk, u] = w_hh_t[k0 + kk, column] if inside else zero
-            for e in range(tid, STAGE_DEPTH * n_seq, threads):
-                s = e // STAGE_DEPTH
-                kk = e % STAGE_DEPTH
-                inside = k0 + kk < n_out
-                tile_h[s, kk] = h_seq[prev, b_lo + s_lo + s, k0 + kk] if inside else zero
-            cuda.syncthreads()
-            if active:
-                for kk in range(STAGE_DEPTH):
-                    w_i = tile_w[0, kk, jj]
-                    w_f = tile_w[1, kk, jj]
-                    w_g = tile_w[2, kk, jj]
-                    w_o = tile_w[3, kk, jj]
-                    for q in range(BATCH_TILE):
-                        h_k = tile_h[group * BATCH_TILE + q, kk]
-                        acc[0, q] += h_k * w_i
-                        acc[1, q] += h_k * w_f
-                        acc[2, q] += h_k * w_g
-                        acc[3, q] += h_k * w_o
-            cuda.syncthreads()  # the next stage overwrites the tiles
-        _update_tile(
-            active,
-            a,
-            t,
-            b_lo + s_lo + group * BATCH_TILE,
-            j_lo + jj,
-            acc,
-            b_lo + sequences,
-            prev,
-            cur,
-            lengths,
-            peephole,
-            c_seq,
-            h_seq,
-            r_seq,
-            m_seq,
-            y,
-        )
 
 
 @cuda.jit(device=True)
@@ -1035,7 +907,7 @@ def _signature_gemm(f):
 
 def _signature_forward(f):
     c1, c2, c3 = f[::1], f[:, ::1], f[:, :, ::1]
-    steps = (types.int64[::1], types.boolean, types.int64, types.int64, types.int64, types.int64)
+    steps = (types.int64[::1], types.boolean, types.int64, types.int64, types.int64, types.boolean)
     return (c2, c2, c2, c2, c2, c1, *steps, c2, c2, c3, c3, c3, c3, c3, c3, c3, c2, c2)
 
 
@@ -1120,22 +992,20 @@ def _max_blocks(kernel, args):
 def _forward_grid(batch, hidden, max_blocks):
     """Blocks, units per block and mode of :func:`forward_loop` for a batch and layer.
 
-    Large batches run tiled (mode 2, staged through shared memory where a block's units
-    fit its tiles, else mode 1): slices of :data:`UNIT_WIDTH` units times slices of the
-    batch (a round of :data:`THREADS` threads each, :data:`BATCH_TILE` sequences a
-    thread, where the blocks allow). Otherwise (mode 0) the blocks share the units among
-    them, each with the whole batch.
+    Large batches run tiled: slices of :data:`UNIT_WIDTH` units times slices of the batch
+    (a round of :data:`THREADS` threads each, :data:`BATCH_TILE` sequences a thread, where
+    the blocks allow). Otherwise the blocks share the units among them, each with the
+    whole batch.
     """
     if batch * hidden >= TILED_MIN_ITEMS:
         unit_width = max(min(UNIT_WIDTH, hidden), -(-hidden // max_blocks))
         unit_slices = -(-hidden // unit_width)
         per_block = BATCH_TILE * max(1, THREADS // unit_width)
         batch_slices = max(1, min(-(-batch // per_block), max_blocks // unit_slices))
-        staged = TILED_STAGED and unit_width <= UNIT_TILE
-        return unit_slices * batch_slices, unit_width, 2 if staged else 1
+        return unit_slices * batch_slices, unit_width, True
     blocks = min(max_blocks, hidden)
     unit_width = -(-hidden // blocks)
-    return -(-hidden // unit_width), unit_width, 0
+    return -(-hidden // unit_width), unit_width, False
 
 
 class LayerTape(NamedTuple):
@@ -1235,9 +1105,7 @@ def layer_forward(
         args = (w_hh, w_hh_t, w_hr_t, peephole, w_u_t, b_u, d_lengths, reverse, t_lo, t_hi)
         states = (h0, c0, gates, c_seq, h_seq, r_seq, m_seq, u_seq, y, h_n, c_n)
         if n == 0:
-            if THREADS > _MAX_BLOCK_THREADS:
-                raise ValueError(f"THREADS must be at most {_MAX_BLOCK_THREADS}, got {THREADS}")
-            max_blocks = _max_blocks(forward_loop, (*args, 1, 0, *states))
+            max_blocks = _max_blocks(forward_loop, (*args, 1, False, *states))
             blocks, unit_width, tiled = _forward_grid(batch, hidden, max_blocks)
         forward_loop[blocks, THREADS](*args, unit_width, tiled, *states)
     tape = None
@@ -1285,8 +1153,6 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_hs = cuda_array.empty((steps_total, batch, n_out), dtype)
     d_u = cuda_array.empty(tape.u_seq.shape, dtype)
     w_hh_t = _transpose(w_hh)
-    if THREADS > _MAX_BLOCK_THREADS:
-        raise ValueError(f"THREADS must be at most {_MAX_BLOCK_THREADS}, got {THREADS}")
     tiled = batch * hidden >= TILED_MIN_ITEMS
     args = (w_hh, w_hh_t, w_hr, tape.peephole, tape.w_u, tape.d_lengths, tape.reverse, tiled)
     args = (*args, tape.gates)
