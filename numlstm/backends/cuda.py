@@ -71,13 +71,12 @@ xp = cuda_array
 #: Threads per block of the persistent (time-loop) kernels.
 THREADS = 256
 
-#: Sequences per thread in the forward loop's tiled mode (read when a kernel is compiled).
+#: Sequences per thread in the time loops' tiled mode (read when a kernel is compiled).
 BATCH_TILE = 4
 
 #: Hidden units per block in the tiled mode: a warp's threads read a warp of neighbouring
 #: weights.
 UNIT_WIDTH = 32
-
 
 #: Both time loops run tiled from this many (sequence, unit) pairs ``B H`` on. Measured on
 #: an H100 (T = 100, forward ms, tiled against grouped): (256, 1024) 68 against 132,
@@ -292,9 +291,10 @@ def forward_loop(
 ):
     """Forward time loop of one layer and direction, steps ``t_lo`` to ``t_hi - 1``.
 
-    A cooperative launch: block ``k`` of ``n`` owns hidden units ``[k u, (k + 1) u)`` with
-    ``u = ceil(H / n)``, all four gates of each. Its ``B u`` (sequence, unit) items are
-    shared among its threads, in groups of :func:`_threads_per_item` threads per item. Shapes as in
+    A cooperative launch: each block owns ``u = unit_width`` hidden units (all four gates of
+    each) of a slice of the batch (the whole batch unless tiled). Its (sequence, unit)
+    items are shared among its threads: in tiles of :data:`BATCH_TILE` sequences a thread,
+    or in groups of :func:`_threads_per_item` threads per item. Shapes as in
     :func:`numlstm.backends.cpu.forward_kernel` (``C`` steps of gates, ``S`` state slots,
     ``R`` kept projections); every array C-contiguous, none aliasing another.
 
