@@ -294,6 +294,14 @@ def _to_caller_layout(xp, array, batched, batch_first):
     return array
 
 
+def _stack_states(xp, states):
+    """The states of every layer and direction, ``(B, ·)`` arrays that the backends return
+    fresh, as one ``(num_layers * D, B, ·)`` array (no copy for a single one)."""
+    if len(states) == 1:
+        return xp.reshape(states[0], (1, *states[0].shape))
+    return xp.stack(states)
+
+
 def _states_to_caller(xp, states, batched):
     if batched:
         return states
@@ -389,8 +397,8 @@ def run_forward(spec, params, be, call, masks, save):
         layer_input = outputs[0] if directions == 1 else xp.concatenate(outputs, axis=2)
         layer_tapes.append(tapes)
     output = _to_caller_layout(xp, layer_input, call.batched, call.batch_first)
-    h_n = _states_to_caller(xp, xp.stack(h_n), call.batched)
-    c_n = _states_to_caller(xp, xp.stack(c_n), call.batched)
+    h_n = _states_to_caller(xp, _stack_states(xp, h_n), call.batched)
+    c_n = _states_to_caller(xp, _stack_states(xp, c_n), call.batched)
     tape = None
     if save:
         tape = Tape(
@@ -489,8 +497,8 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
             d_input = xp.multiply(d_input, tape.dropout_masks[layer - 1])
         d_above = d_input
     d_x = _to_caller_layout(xp, d_above, tape.batched, tape.batch_first)
-    d_h0 = _states_to_caller(xp, xp.stack(d_h0), tape.batched)
-    d_c0 = _states_to_caller(xp, xp.stack(d_c0), tape.batched)
+    d_h0 = _states_to_caller(xp, _stack_states(xp, d_h0), tape.batched)
+    d_c0 = _states_to_caller(xp, _stack_states(xp, d_c0), tape.batched)
     names = list(spec.param_shapes())
     d_x, d_h0, d_c0, *ordered = _to_caller_kind(
         xp, (d_x, d_h0, d_c0, *(grads[name] for name in names)), tape.device

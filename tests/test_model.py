@@ -834,3 +834,24 @@ def test_batch_first_model_equals_the_time_major_model_transposed():
         x.transpose(1, 0, 2), time_major.state_dict(), (h0, c0), lengths, batch_first=True
     )
     assert_close(out_b, expected, name="output")
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_returned_states_are_arrays_of_their_own(num_layers):
+    """Writing into the h_n, c_n that forward returned changes nothing its tape keeps: the
+    gradients stay those of an untouched forward pass."""
+    spec = numlstm.LSTMSpec(input_size=3, hidden_size=4, num_layers=num_layers, dtype="float64")
+    params = spec.init_params(np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((5, 2, 3))
+    output, _, tape = numlstm.forward(x, params)
+    d_output = np.ones_like(output)
+    d_x, (d_h0, d_c0), grads = numlstm.backward(tape, d_output)
+    _, (h_n, c_n), tape = numlstm.forward(x, params)
+    h_n[...] = np.nan
+    c_n[...] = np.nan
+    d_x_again, (d_h0_again, d_c0_again), grads_again = numlstm.backward(tape, d_output)
+    np.testing.assert_array_equal(d_x_again, d_x)
+    np.testing.assert_array_equal(d_h0_again, d_h0)
+    np.testing.assert_array_equal(d_c0_again, d_c0)
+    for name, grad in grads.items():
+        np.testing.assert_array_equal(grads_again[name], grad, err_msg=name)

@@ -8,8 +8,9 @@ shared orchestration in :mod:`numlstm.functional` uses: NumPy on the CPU, and on
 backends a namespace with the NumPy functions ``add``, ``asarray``, ``ascontiguousarray``,
 ``concatenate``, ``copy``, ``empty``, ``may_share_memory``, ``multiply``, ``reshape``,
 ``stack``, ``swapaxes`` and ``zeros`` for its arrays. The states ``h0``, ``c0``,
-``d_h_n`` and ``d_c_n`` may be None, for zeros. Backend modules are imported only when first
-used, so ``import numlstm`` works without numba-cuda or a GPU.
+``d_h_n`` and ``d_c_n`` may be None, for zeros; the states the entry points return are
+arrays of their own (the caller gets them without a copy). Backend modules are imported
+only when first used, so ``import numlstm`` works without numba-cuda or a GPU.
 """
 
 from __future__ import annotations

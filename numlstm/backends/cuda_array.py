@@ -166,8 +166,6 @@ def stack(arrays):
     """The arrays (of one shape) stacked along a new first axis, C-contiguous."""
     arrays = [ascontiguousarray(a) for a in arrays]
     shape = tuple(arrays[0].shape)
-    if len(arrays) == 1:
-        return arrays[0].reshape((1, *shape))
     out = empty((len(arrays), *shape), arrays[0].dtype)
     size = arrays[0].size
     if size:
