@@ -145,11 +145,15 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("block_rows", [4, 128])
-def test_packed_gradient_gemms_equal_blas(monkeypatch, block_rows, dtype):
-    """Below ``PACKED_GRADIENT_MAX_BYTES`` the gradient GEMMs after the backward time loop
-    run on the packed micro-kernel, in blocks of rows; forced both ways on the same model
-    (blocks of 4 rows leave a ragged last block on every thread), they must agree."""
+@pytest.mark.parametrize(("block_rows", "threads"), [(4, 2), (128, 2), (4, 3), (4, 5)])
+def test_gradient_gemms_by_gate_rows_equal_by_rows(monkeypatch, block_rows, threads, dtype):
+    """The gradient GEMMs after the backward time loop split the weight gradients over
+    threads by gate rows for layers with large weights (``_gradient_gemms``) and by rows of
+    ``δa`` into partial sums for small ones (``_gradient_gemms_packed``;
+    ``PACKED_GRADIENT_MAX_BYTES`` decides). Forced both ways on the same model, they must
+    agree: with blocks of 4 rows (a ragged last block on every thread), and with 2, 3 and 5
+    threads over the model's 44 gate rows (split in multiples of 16: ragged shares, and
+    threads with none)."""
     chosen = []
 
     def spy(*args, original=cpu._packed_gradients):
@@ -157,14 +161,28 @@ def test_packed_gradient_gemms_equal_blas(monkeypatch, block_rows, dtype):
         return chosen[-1]
 
     monkeypatch.setattr(cpu, "_packed_gradients", spy)
+    monkeypatch.setattr(cpu, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(cpu, "GRADIENT_BLOCK_ROWS", block_rows)
     monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 0)
-    by_blas = _run(dtype)
+    by_gate_rows = _run(dtype)
     assert chosen == [False] * 4  # 2 layers x 2 directions
     monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 1 << 40)
-    monkeypatch.setattr(cpu, "GRADIENT_BLOCK_ROWS", block_rows)
-    by_blocks = _run(dtype)
+    by_rows = _run(dtype)
     assert chosen[4:] == [True] * 4
-    _assert_same_results(by_blocks, by_blas, dtype)
+    _assert_same_results(by_gate_rows, by_rows, dtype)
+
+
+def test_weight_gradients_by_gate_rows_do_not_depend_on_the_threads(monkeypatch):
+    """Split by gate rows, each weight gradient is summed over all rows in the same order
+    whatever the number of threads: bit for bit the same results with 1, 2 and 3."""
+    monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 0)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(cpu, "get_num_threads", lambda threads=threads: threads)
+        results.append(_run("float32"))
+    for name in ("weight_ih_l0", "weight_hh_l0_reverse", "bias_ih_l1", "weight_hh_l1"):
+        for other in results[1:]:
+            np.testing.assert_array_equal(other[name], results[0][name], err_msg=name)
 
 
 def test_buffers_start_on_a_cache_line():

@@ -728,30 +728,78 @@ def _sum_parts(parts, total):
             flat_total[j] += flat_parts[k, j]
 
 
+@njit(cache=True, nogil=True)
+def _weight_gradient(d_a, m0, m1, inputs, d_w, scratch):
+    """``d_w[m0:m1] = d_a[:, m0:m1]^T inputs``: gate rows ``m0:m1`` of a weight gradient,
+    summed over all rows of ``d_a`` (steps and sequences) in blocks of
+    ``scratch.shape[1]`` rows, each block of ``inputs`` packed into ``scratch`` first."""
+    rows, n = inputs.shape
+    block_rows = scratch.shape[1]
+    if rows == 0:
+        _zero(d_w[m0:m1])
+    for r0 in range(0, rows, block_rows):
+        r1 = min(r0 + block_rows, rows)
+        packed = scratch[:, : r1 - r0]
+        pack(inputs[r0:r1], packed)
+        packed_matmul(d_a[r0:r1, m0:m1].T, packed, d_w[m0:m1], n, r0 > 0)
+
+
+#: :func:`_gradient_gemms` splits the gate rows of the weight gradients over threads in
+#: multiples of this many, so that no two threads write to one cache line of ``δb``.
+GATE_ROWS_ALIGN = 16
+
+
 @implements("d-input", "d-weights", backend="cpu")
 @njit(cache=True, nogil=True, parallel=True)
-def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, threads):
-    """The gradients that are sums over all steps, as GEMMs split over Numba's threads.
+def _gradient_gemms(
+    d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
+):
+    """The gradients that are sums over all steps, for layers with large weights.
 
-    ``d_x`` splits by rows (``w_ih_packed`` is ``W_ih`` packed by :func:`._packed.pack`).
-    The weight gradients reduce over rows: each thread sums its block of rows into its own
-    partial result, and the partials are added at the end.
+    ``δx = δa W_ih`` splits over threads by rows (steps and sequences; ``w_ih_packed`` is
+    ``W_ih`` packed by :func:`._packed.pack`). The weight and bias gradients split by gate
+    rows: each thread computes its rows of ``δW_ih = δa^T x``, ``δW_hh = δa^T h_{t-1}`` and
+    ``δb`` over all rows of ``δa``, so that its share of the result stays in its cache and
+    no partial sums are added up at the end (each value is summed in the same order
+    whatever the number of threads). Each thread packs the blocks of ``x`` and
+    ``h_{t-1}`` for itself.
+
+    Parameters
+    ----------
+    d_a : (N, 4H) array
+        ``δa`` of every step and sequence.
+    inputs, h_prev : (N, I), (N, P) arrays
+        The layer's input and ``h_{t-1}``, row for row with ``d_a``.
+    w_ih_packed : array
+        ``W_ih`` (``4H x I``) packed.
+    d_x : (N, I) array, out
+    d_w_ih, d_w_hh, d_bias : (4H, I), (4H, P), (4H,) arrays, out
+    scratch : (threads, ceil(I / NR) + ceil(P / NR), GRADIENT_BLOCK_ROWS, NR) array
+        Work space for the packed blocks, one per thread (64-byte aligned).
+    threads : int
+        Numba threads to split the work over.
     """
-    rows = d_a.shape[0]
+    rows, n_gates = d_a.shape
+    n_inputs = inputs.shape[1]
+    block_rows = scratch.shape[2]
+    input_panels = -(-n_inputs // scratch.shape[3])
     blocks = _blocks(rows, threads)
-    part_w_ih = np.empty((blocks, *d_w_ih.shape), d_a.dtype)
-    part_w_hh = np.empty((blocks, *d_w_hh.shape), d_a.dtype)
-    part_bias = np.empty((blocks, d_bias.shape[0]), d_a.dtype)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, rows)
-        _zero(part_bias[k])
-        packed_matmul(d_a[lo:hi], w_ih_packed, d_x[lo:hi], d_x.shape[1], False)
-        np.dot(d_a[lo:hi].T, inputs[lo:hi], part_w_ih[k])
-        np.dot(d_a[lo:hi].T, h_prev[lo:hi], part_w_hh[k])
-        _add_rows(d_a[lo:hi], part_bias[k])
-    _sum_parts(part_w_ih, d_w_ih)
-    _sum_parts(part_w_hh, d_w_hh)
-    _sum_parts(part_bias, d_bias)
+        for r0 in range(lo, hi, block_rows):
+            r1 = min(r0 + block_rows, hi)
+            packed_matmul(d_a[r0:r1], w_ih_packed, d_x[r0:r1], n_inputs, False)
+    aligned_rows = -(-n_gates // GATE_ROWS_ALIGN)
+    for k in prange(threads):
+        m0 = min(n_gates, GATE_ROWS_ALIGN * (aligned_rows * k // threads))
+        m1 = min(n_gates, GATE_ROWS_ALIGN * (aligned_rows * (k + 1) // threads))
+        if m1 > m0:
+            _weight_gradient(d_a, m0, m1, inputs, d_w_ih, scratch[k, :input_panels])
+            _weight_gradient(d_a, m0, m1, h_prev, d_w_hh, scratch[k, input_panels:])
+            d_b = d_bias[m0:m1]
+            _zero(d_b)
+            for r in range(rows):
+                _add(d_a[r, m0:m1], d_b)
 
 
 #: Rows of ``δa`` per block of :func:`_gradient_gemms_packed`: the block (``128 x 4H``, 512
@@ -760,12 +808,12 @@ def _gradient_gemms(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bia
 GRADIENT_BLOCK_ROWS = 128
 #: :func:`_gradient_gemms_packed` is used while a thread's partial ``δW_ih`` and ``δW_hh``
 #: (``4H x (I + P)``) fit in this many bytes. Beyond, the partials stream through L3 at
-#: every block and BLAS's own blocking wins. ``python bench/gradients.py`` (time of the
-#: packed way over BLAS's; T, B, I, H; partials): float32 50, 16, 32, 64, 96 KB: 0.77-0.79;
-#: 100, 32, 64, 128, 384 KB: 0.80-0.82; 100, 32, 128, 256, 1.5 MB: 0.85-0.88;
-#: 100, 64, 256, 256, 2 MB: 0.88-0.90; 200, 8, 128, 512, 5 MB: 0.97-1.02;
-#: 50, 16, 256, 1024, 20 MB: 1.09-1.14. float64 100, 32, 64, 128, 768 KB: 0.72-0.78;
-#: 100, 64, 256, 256, 4 MB: 0.91-0.94.
+#: every block, and :func:`_gradient_gemms`, whose threads each keep their gate rows of
+#: the result, wins. ``python bench/gradients.py`` (time by rows over time by gate rows;
+#: T, B, I, H; partials), float32: 50, 16, 32, 64, 96 KB: 0.92; 100, 32, 64, 128, 384 KB:
+#: 0.84; 100, 32, 128, 256, 1.5 MB: 0.98; 100, 64, 256, 256, 2 MB: 0.97;
+#: 100, 32, 128, 512, 5 MB: 1.00; 200, 8, 128, 512, 5 MB: 1.05; 50, 16, 256, 1024,
+#: 20 MB: 1.44. float64: 0.83, 0.92, 1.04 (3 MB), 0.99 (4 MB), 1.02, 1.04, 1.36.
 PACKED_GRADIENT_MAX_BYTES = 1 << 22
 
 
@@ -776,7 +824,8 @@ def _weight_bytes(hidden, n_inputs, n_out, dtype):
 
 
 def _packed_gradients(hidden, n_inputs, n_out, dtype):
-    """Whether the gradient GEMMs of a layer go to :func:`_gradient_gemms_packed`."""
+    """Whether the gradient GEMMs of a layer go to :func:`_gradient_gemms_packed` (else to
+    :func:`_gradient_gemms`)."""
     return _weight_bytes(hidden, n_inputs, n_out, dtype) <= PACKED_GRADIENT_MAX_BYTES
 
 
@@ -785,19 +834,14 @@ def _packed_gradients(hidden, n_inputs, n_out, dtype):
 def _gradient_gemms_packed(
     d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
 ):
-    """:func:`_gradient_gemms` with the packed micro-kernel instead of BLAS.
+    """The gradients that are sums over all steps, for layers with small weights.
 
-    Each thread takes its block of rows (steps and sequences) in blocks of
-    ``GRADIENT_BLOCK_ROWS``: it computes that block's ``δx = δa W_ih``, packs the block's
-    rows of ``x`` and of ``h_{t-1}`` into ``scratch`` and adds ``δa^T x`` and
-    ``δa^T h_{t-1}`` to its partial weight gradients, so that each block of ``δa`` is read
-    from memory once, for all four products. The arguments are those of
-    :func:`_gradient_gemms` and:
-
-    Parameters
-    ----------
-    scratch : (threads, ceil(I / NR) + ceil(P / NR), GRADIENT_BLOCK_ROWS, NR) array
-        Work space for the packed blocks, one per thread (64-byte aligned).
+    The arguments are those of :func:`_gradient_gemms`. Each thread takes its block of rows
+    (steps and sequences) in blocks of ``GRADIENT_BLOCK_ROWS``: it computes that block's
+    ``δx = δa W_ih``, packs the block's rows of ``x`` and of ``h_{t-1}`` into ``scratch``
+    and adds ``δa^T x`` and ``δa^T h_{t-1}`` to its partial weight gradients, so that each
+    block of ``δa`` is read from memory once, for all four products. The threads' partial
+    sums are added at the end.
     """
     rows = d_a.shape[0]
     n_inputs, n_out = inputs.shape[1], h_prev.shape[1]
@@ -830,7 +874,8 @@ def _gradient_gemms_packed(
 @njit(cache=True, nogil=True, parallel=True)
 def projection_weight_gradient(d_hs, r_seq, d_w_hr, threads):
     """``δW_hr = Σ_t δh_t^T r_t`` (rows of ``d_hs`` and ``r_seq`` are steps and sequences),
-    split over threads like :func:`_gradient_gemms`; called for projecting layers only."""
+    split over threads by rows into partial sums like :func:`_gradient_gemms_packed`;
+    called for projecting layers only."""
     rows = d_hs.shape[0]
     blocks = _blocks(rows, threads)
     part_w_hr = np.empty((blocks, *d_w_hr.shape), d_hs.dtype)
@@ -1476,14 +1521,13 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         d_w_hh,
         d_bias,
     )
+    nr = panel_width(dtype)
+    panels = -(-n_inputs // nr) + -(-n_out // nr)
+    scratch = aligned_empty((threads, panels, GRADIENT_BLOCK_ROWS, nr), dtype)
     if _packed_gradients(hidden, n_inputs, n_out, dtype):
-        nr = panel_width(dtype)
-        panels = -(-n_inputs // nr) + -(-n_out // nr)
-        scratch = aligned_empty((threads, panels, GRADIENT_BLOCK_ROWS, nr), dtype)
         _gradient_gemms_packed(*gemm_args, scratch, threads)
     else:
-        with single_threaded_blas():
-            _gradient_gemms(*gemm_args, threads)
+        _gradient_gemms(*gemm_args, scratch, threads)
     d_w_hr = d_peephole = d_w_u = d_b_u = None
     if projecting:
         d_w_hr = np.empty(w_hr.shape, dtype)
