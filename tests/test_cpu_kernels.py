@@ -172,6 +172,41 @@ def test_gradient_gemms_by_gate_rows_equal_by_rows(monkeypatch, block_rows, thre
     _assert_same_results(by_gate_rows, by_rows, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("threads", [1, 2, 3, 40])
+@pytest.mark.parametrize("way", ["_gradient_gemms", "_gradient_gemms_packed"])
+def test_gradient_gemms_equal_numpy(way, threads, dtype):
+    """Both ways of the gradient GEMMs against NumPy's products, at a shape with full and
+    ragged panels (I = 37, P = 100) and 400 gate rows: shared over 1 to 3 threads, or over
+    more threads than the 25 blocks of 16 gate rows (some get none), with the outputs
+    poisoned with NaN first."""
+    from numlstm.backends._packed import aligned_empty, empty_packed, pack, panel_width
+
+    rng = np.random.default_rng(threads)
+    rows, n_inputs, hidden = 301, 37, 100
+    d_a = rng.standard_normal((rows, 4 * hidden)).astype(dtype)
+    inputs = rng.standard_normal((rows, n_inputs)).astype(dtype)
+    h_prev = rng.standard_normal((rows, hidden)).astype(dtype)
+    w_ih = rng.standard_normal((4 * hidden, n_inputs)).astype(dtype)
+    w_ih_packed = empty_packed(*w_ih.shape, dtype)
+    pack(w_ih, w_ih_packed)
+    nr = panel_width(dtype)
+    panels = -(-n_inputs // nr) + -(-hidden // nr)
+    scratch = aligned_empty((threads, panels, cpu.GRADIENT_BLOCK_ROWS, nr), dtype)
+    d_x = np.full((rows, n_inputs), np.nan, dtype)
+    d_w_ih = np.full(w_ih.shape, np.nan, dtype)
+    d_w_hh = np.full((4 * hidden, hidden), np.nan, dtype)
+    d_bias = np.full(4 * hidden, np.nan, dtype)
+    getattr(cpu, way)(
+        d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
+    )
+    d_a64 = d_a.astype(np.float64)
+    assert_close(d_x, d_a64 @ w_ih, dtype=dtype, name="d_x")
+    assert_close(d_w_ih, d_a64.T @ inputs, dtype=dtype, name="d_w_ih")
+    assert_close(d_w_hh, d_a64.T @ h_prev, dtype=dtype, name="d_w_hh")
+    assert_close(d_bias, d_a64.sum(axis=0), dtype=dtype, name="d_bias")
+
+
 def test_weight_gradients_by_gate_rows_do_not_depend_on_the_threads(monkeypatch):
     """Split by gate rows, each weight gradient is summed over all rows in the same order
     whatever the number of threads: bit for bit the same results with 1, 2 and 3."""
