@@ -5,6 +5,7 @@ Usage (from the repository root; it needs PyTorch)::
     python -m bench                          # the whole grid; results in bench/results/
     python -m bench --quick                  # a smoke run of the first configuration
     python -m bench --configs 0 2 100,8,16,32,1 --dtype float64 --threads 4
+    python -m bench --dtype float32 --runs 5    # medians over 5 runs, and their spread
 
 ``python bench/cpu.py`` takes the same flags where numlstm is installed. Both libraries run
 on the same number of threads (``--threads``, default 2): the thread variables of OpenMP,
@@ -29,6 +30,12 @@ first layer, H above it); training counts 3x forward. The BLAS GEMM peak is a sq
 after the configurations (the higher median counts); the table gives each side's GF/s as a
 percentage of it. The results go to cpu.json (every median, versions, threads, CPU, date),
 cpu.md (the table) and, with matplotlib, cpu.png (the ratios) in ``--out``.
+
+This shared machine's speed drifts from one minute to the next, so a ratio near a target
+can fall on either side of it from run to run. ``--runs N`` repeats the whole plan N
+times in the same process: the table then gives, for each row, the median over the runs
+of each number, followed by the lowest and highest run's ratio and % of peak (error bars
+in the plot), and cpu.json keeps every run (:func:`across_runs`).
 """
 
 from __future__ import annotations
@@ -505,9 +512,14 @@ def _busy_warnings(report):
     """
     warnings = []
     spare = report["logical_cpus"] - report["threads"]["requested"]
-    # At the end the run's own threads still count in the 1-minute average.
+    # At the end the run's own threads still count in the 1-minute average, and at the
+    # start those of the run before it in this process, if any.
     threads = report["threads"]["requested"]
-    for when, key, own in (("start", "load_average", 0), ("end", "load_average_end", threads)):
+    own_at_start = threads if report.get("follows_a_run") else 0
+    for when, key, own in (
+        ("start", "load_average", own_at_start),
+        ("end", "load_average_end", threads),
+    ):
         load = report[key]
         if load is not None and load[0] > spare + own + BUSY_LOAD_MARGIN:
             warnings.append(
@@ -577,7 +589,17 @@ def _peaks(dtypes, size, repeats):
     return {dtype: gemm_peak(dtype, size, repeats) for dtype in dtypes}
 
 
-def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=print, cell="standard"):
+def run(
+    pairs,
+    threads,
+    min_time,
+    min_repeats,
+    gemm_size,
+    gemm_repeats,
+    log=print,
+    cell="standard",
+    follows_a_run=False,
+):
     """Run the benchmark with the threads pinned, in this process.
 
     The GEMM peak is measured before and after the configurations; the % of peak uses the
@@ -596,18 +618,25 @@ def run(pairs, threads, min_time, min_repeats, gemm_size, gemm_repeats, log=prin
         Called with a line of text as each result comes in.
     cell : str
         numlstm's cell (see :func:`bench_config`).
+    follows_a_run : bool
+        Another run of this process has just ended (``--runs``): its own threads still
+        count in the load average at the start, which :func:`_busy_warnings` then allows.
 
     Returns
     -------
     dict
         The environment (date, CPU, versions, load), ``threads``, ``settings``,
-        ``gemm_peak``, ``torch_path``, ``parity`` and ``results`` (one row per config, dtype
-        and mode, with medians, ratio, GF/s and % of peak): what cpu.json holds.
+        ``gemm_peak``, ``torch_path``, ``parity``, ``results`` (one row per config, dtype
+        and mode, with medians, ratio, GF/s and % of peak), ``follows_a_run`` and
+        ``busy_warnings``: what cpu.json holds.
     """
     with pinned_threads(threads) as threads_report:
-        return _run(
+        report = _run(
             pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log, cell
         )
+    report["follows_a_run"] = follows_a_run
+    report["busy_warnings"] = _busy_warnings(report)
+    return report
 
 
 def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, log, cell):
@@ -650,8 +679,72 @@ def _run(pairs, threads_report, min_time, min_repeats, gemm_size, gemm_repeats, 
         "parity": parity,
         "results": [_add_derived(row, peaks) for row in rows],
     }
-    report["busy_warnings"] = _busy_warnings(report)
     return report
+
+
+def across_runs(reports):
+    """One report for several runs of the same plan, in this process.
+
+    Each number of a row (times, ratio, GF/s, % of peak) is the median of that number over
+    the runs, each run's own; ``ratio_min``, ``ratio_max``, ``numlstm_peak_pct_min`` and
+    ``numlstm_peak_pct_max`` give the spread of the two that the targets are stated in.
+    The environment is the first run's and ``load_average_end`` the last one's;
+    ``gemm_peak`` holds the median of the runs' peaks, with each run's in ``runs``;
+    ``busy_warnings`` holds every run's, prefixed with its number; ``runs`` keeps each
+    run's date, GEMM peaks, warnings and rows.
+
+    Parameters
+    ----------
+    reports : list of dict
+        What :func:`run` returned for each run, all of the same plan.
+
+    Returns
+    -------
+    dict
+        A report in the layout of :func:`run`'s, with ``runs`` added.
+    """
+    first = reports[0]
+    results = []
+    for index, row in enumerate(first["results"]):
+        samples = [report["results"][index] for report in reports]
+        merged = dict(row)
+        for key, value in row.items():
+            if isinstance(value, float):
+                merged[key] = statistics.median(sample[key] for sample in samples)
+        for key in ("ratio", "numlstm_peak_pct"):
+            merged[f"{key}_min"] = min(sample[key] for sample in samples)
+            merged[f"{key}_max"] = max(sample[key] for sample in samples)
+        results.append(merged)
+    gemm_peak = {
+        dtype: {
+            **peak,
+            "gflops": statistics.median(report["gemm_peak"][dtype]["gflops"] for report in reports),
+            "end": reports[-1]["gemm_peak"][dtype]["end"],
+            "runs": [report["gemm_peak"][dtype]["gflops"] for report in reports],
+        }
+        for dtype, peak in first["gemm_peak"].items()
+    }
+    return {
+        **first,
+        "load_average_end": reports[-1]["load_average_end"],
+        "gemm_peak": gemm_peak,
+        "parity": [record for report in reports for record in report["parity"]],
+        "results": results,
+        "busy_warnings": [
+            f"run {number}: {warning}"
+            for number, report in enumerate(reports, 1)
+            for warning in report["busy_warnings"]
+        ],
+        "runs": [
+            {
+                "date": report["date"],
+                "gemm_peak": report["gemm_peak"],
+                "busy_warnings": report["busy_warnings"],
+                "results": report["results"],
+            }
+            for report in reports
+        ],
+    }
 
 
 COLUMNS = (
@@ -695,11 +788,21 @@ def _load(load_average):
 
 def markdown(report, command):
     """The results as a Markdown header and table."""
-    peaks = ", ".join(
-        f"{dtype} {peak['gflops']:.1f} GF/s (n = {peak['size']}; {peak['start']['gflops']:.1f} "
-        f"before the configurations, {peak['end']['gflops']:.1f} after)"
-        for dtype, peak in report["gemm_peak"].items()
-    )
+    runs = report.get("runs", [])
+    if runs:
+        peaks = ", ".join(
+            f"{dtype} {peak['gflops']:.1f} GF/s (n = {peak['size']}; the median of the runs' "
+            + ", ".join(f"{gflops:.1f}" for gflops in peak["runs"])
+            + ")"
+            for dtype, peak in report["gemm_peak"].items()
+        )
+    else:
+        peaks = ", ".join(
+            f"{dtype} {peak['gflops']:.1f} GF/s (n = {peak['size']}; "
+            f"{peak['start']['gflops']:.1f} before the configurations, "
+            f"{peak['end']['gflops']:.1f} after)"
+            for dtype, peak in report["gemm_peak"].items()
+        )
     versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
     paths = ", ".join(f"{dtype} {path}" for dtype, path in report["torch_path"].items())
     lines = [
@@ -715,8 +818,10 @@ def markdown(report, command):
             for warning in report["busy_warnings"]
         ),
         *([""] if report["busy_warnings"] else []),
-        "Medians of interleaved repeats; forward is inference, train is forward + backward "
-        "(parameter and input gradients); GF/s count 2·T·B·4H·(I+H) per layer, 3x for train.",
+        "Medians of interleaved repeats"
+        + (f", then medians over {len(runs)} runs of the whole plan" if runs else "")
+        + "; forward is inference, train is forward + backward (parameter and input "
+        "gradients); GF/s count 2·T·B·4H·(I+H) per layer, 3x for train.",
         "",
         *(
             [
@@ -731,6 +836,22 @@ def markdown(report, command):
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += [f"| {_format_row(row)} |" for row in report["results"]]
+    if runs:
+        lines += [
+            "",
+            f"Spread over the {len(runs)} runs (each run's own median ratio and % of its own "
+            "peak):",
+            "",
+            "| config (T,B,I,H,L) | dtype | mode | numlstm/torch min | median | max "
+            "| numlstm % peak min | max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['label']} | {row['dtype']} | {row['mode']} | {row['ratio_min']:.2f} "
+            f"| {row['ratio']:.2f} | {row['ratio_max']:.2f} | {row['numlstm_peak_pct_min']:.0f} "
+            f"| {row['numlstm_peak_pct_max']:.0f} |"
+            for row in report["results"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -745,14 +866,24 @@ def plot(report, path):
     import matplotlib.ticker
 
     groups = list(dict.fromkeys((row["label"], row["dtype"]) for row in report["results"]))
-    ratio = {(row["label"], row["dtype"], row["mode"]): row["ratio"] for row in report["results"]}
+    rows = {(row["label"], row["dtype"], row["mode"]): row for row in report["results"]}
     width = 0.38
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(groups)), 4.5))
     for offset, mode in zip((-width / 2, width / 2), MODES, strict=True):
+        mode_rows = [rows.get((*group, mode)) for group in groups]
+        ratios = [math.nan if row is None else row["ratio"] for row in mode_rows]
+        spread = None
+        if "runs" in report:  # bars from the lowest to the highest run's ratio
+            spread = [
+                [0.0 if row is None else row["ratio"] - row["ratio_min"] for row in mode_rows],
+                [0.0 if row is None else row["ratio_max"] - row["ratio"] for row in mode_rows],
+            ]
         bars = axes.bar(
             [index + offset for index in range(len(groups))],
-            [ratio.get((*group, mode), math.nan) for group in groups],
+            ratios,
             width,
+            yerr=spread,
+            capsize=2,
             label=mode,
         )
         axes.bar_label(bars, fmt="%.2f", fontsize=7)
@@ -860,6 +991,13 @@ def _parser():
         "standard, against torch)",
     )
     parser.add_argument(
+        "--runs",
+        type=_positive(int),
+        default=1,
+        help="run the whole plan this many times in this process; the table gives medians "
+        "over the runs and their spread (default 1)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: grid config 0, short timings, a small GEMM",
@@ -888,15 +1026,23 @@ def main(argv=None):
         parser.error(str(error))
     limit_threads(args.threads)
     quick = args.quick
-    report = run(
-        plan(configs or list(GRID), args.dtype),
-        threads=args.threads,
-        min_time=args.min_time or (0.05 if quick else 0.3),
-        min_repeats=args.repeats or (3 if quick else 5),
-        gemm_size=args.gemm_size or (1024 if quick else 2048),
-        gemm_repeats=5 if quick else 7,
-        cell=args.cell,
-    )
+    reports = []
+    for number in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"run {number} of {args.runs}")
+        reports.append(
+            run(
+                plan(configs or list(GRID), args.dtype),
+                threads=args.threads,
+                min_time=args.min_time or (0.05 if quick else 0.3),
+                min_repeats=args.repeats or (3 if quick else 5),
+                gemm_size=args.gemm_size or (1024 if quick else 2048),
+                gemm_repeats=5 if quick else 7,
+                cell=args.cell,
+                follows_a_run=number > 1,
+            )
+        )
+    report = reports[0] if args.runs == 1 else across_runs(reports)
     out = args.out or (Path(tempfile.mkdtemp(prefix="numlstm-bench-")) if quick else DEFAULT_OUT)
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     print()

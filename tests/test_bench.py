@@ -107,6 +107,46 @@ def test_busy_machine_is_flagged():
     assert cpu._busy_warnings(_calm_report(gemm_peak=unstable)) == [
         "the float32 GEMM peak changed from 100.0 to 80.0 GF/s during the run"
     ]
+    # Right after another run of this process (--runs), its threads still count at the start.
+    assert cpu._busy_warnings(_calm_report(load_average=(2.4, 1, 1), follows_a_run=True)) == []
+    assert cpu._busy_warnings(_calm_report(load_average=(4.6, 2, 1), follows_a_run=True))
+
+
+def _run_report(ratio, peak_pct, gflops_peak, warnings=(), date="d"):
+    """A report of one run with one row, as :func:`cpu.run` lays it out."""
+    row = {"label": "6,2,3,4,1", "dtype": "float32", "mode": "train", "flops": 1000,
+           "repeats": 5, "ratio": ratio, "numlstm_s": ratio, "torch_s": 1.0,
+           "numlstm_peak_pct": peak_pct, "numlstm_gflops": 1.0, "torch_gflops": 1.0,
+           "torch_peak_pct": 1.0}  # fmt: skip
+    peak = {"size": 64, "gflops": gflops_peak, "start": {"gflops": gflops_peak},
+            "end": {"gflops": gflops_peak}}  # fmt: skip
+    return {**_calm_report(gemm_peak={"float32": peak}), "date": date, "parity": [date],
+            "results": [row], "busy_warnings": list(warnings)}  # fmt: skip
+
+
+def test_runs_are_summarised_by_medians_and_their_spread():
+    reports = [
+        _run_report(0.5, 80.0, 300.0, date="a"),
+        _run_report(0.7, 90.0, 320.0, ["busy"], date="b"),
+        _run_report(0.6, 70.0, 310.0, date="c"),
+    ]
+    merged = cpu.across_runs(reports)
+    (row,) = merged["results"]
+    assert row["ratio"] == row["numlstm_s"] == pytest.approx(0.6)
+    assert (row["ratio_min"], row["ratio_max"]) == (0.5, 0.7)
+    assert row["numlstm_peak_pct"] == 80.0
+    assert (row["numlstm_peak_pct_min"], row["numlstm_peak_pct_max"]) == (70.0, 90.0)
+    assert row["repeats"] == 5 and row["flops"] == 1000  # counts stay as they were
+    assert merged["gemm_peak"]["float32"]["gflops"] == 310.0
+    assert merged["gemm_peak"]["float32"]["runs"] == [300.0, 320.0, 310.0]
+    assert merged["busy_warnings"] == ["run 2: busy"]
+    assert merged["parity"] == ["a", "b", "c"]
+    assert [run["date"] for run in merged["runs"]] == ["a", "b", "c"]
+    assert merged["runs"][1]["results"][0]["ratio"] == 0.7
+    table = cpu.markdown({**merged, "cpu": "x", "versions": {}, "torch_path": {}}, "cmd")
+    assert "then medians over 3 runs of the whole plan" in table
+    assert "the median of the runs' 300.0, 320.0, 310.0" in table
+    assert "| 6,2,3,4,1 | float32 | train | 0.50 | 0.60 | 0.70 | 70 | 90 |" in table
 
 
 @pytest.fixture
@@ -177,6 +217,18 @@ def test_harness_writes_json_table_and_plot(tmp_path, restored_thread_env, capsy
         assert not (tmp_path / "cpu.png").exists()
     else:
         assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_several_runs_write_every_run(tmp_path, restored_thread_env):
+    argv = ["--configs", TINY[0].label, "--dtype", "float32", "--threads", "1", "--runs", "2"]
+    argv += ["--min-time", "0.005", "--repeats", "3", "--gemm-size", "64", "--out", str(tmp_path)]
+    report = cpu.main(argv)
+    written = json.loads((tmp_path / "cpu.json").read_text())
+    assert len(written["runs"]) == len(report["runs"]) == 2
+    for row in written["results"]:
+        ratios = [run["results"][written["results"].index(row)]["ratio"] for run in written["runs"]]
+        assert row["ratio_min"] == min(ratios) and row["ratio_max"] == max(ratios)
+    assert "Spread over the 2 runs" in (tmp_path / "cpu.md").read_text()
 
 
 @pytest.mark.parametrize("cell", ["peephole", "ltm_stm"])
