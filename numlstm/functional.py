@@ -144,16 +144,32 @@ def forward(
 
 
 def forward_checked(
-    spec, params, x, hx, lengths, *, batch_first, dropout, dropout_masks, rng, backend
+    spec,
+    params,
+    x,
+    hx,
+    lengths,
+    *,
+    batch_first,
+    dropout,
+    dropout_masks,
+    rng,
+    backend,
+    before_run=None,
 ):
     """:func:`forward` for parameters and options already checked against ``spec``.
 
-    The arrays ``x``, ``hx``, ``lengths`` and ``dropout_masks`` are checked here.
+    The arrays ``x``, ``hx``, ``lengths`` and ``dropout_masks`` are checked here;
+    ``before_run``, if given, is called once they have passed, before the pass allocates
+    anything (:class:`numlstm.LSTM` drops its previous tape there, so that the new one can
+    take its memory).
     """
     states = tuple(hx) if isinstance(hx, (tuple, list)) else ()
     be = backends.resolve(backend, (x, *states))
     call = _prepare_call(spec, be.xp, x, hx, lengths, batch_first)
     masks = _prepare_masks(spec, be.xp, call, dropout, dropout_masks, rng)
+    if before_run is not None:
+        before_run()
     save = is_grad_enabled()
     if save and be.xp.may_share_memory(call.x, x):
         # The tape keeps the input for the weight gradient: keep our own copy, so that the

@@ -115,9 +115,13 @@ class LSTM:
         Notes
         -----
         Outside :class:`numlstm.no_grad`, the call keeps what :meth:`backward` needs,
-        replacing what an earlier call kept. In training mode, dropout masks are drawn
-        from the model's generator (reproducible from ``seed``).
+        replacing what an earlier call kept: that is released once the inputs have been
+        checked, before the new pass allocates its own, so that a training loop holds one
+        tape at a time (a call that fails its checks keeps the earlier one). In training
+        mode, dropout masks are drawn from the model's generator (reproducible from
+        ``seed``).
         """
+        saving = is_grad_enabled()
         output, states, tape = functional.forward_checked(
             self.spec,
             self._params,
@@ -129,10 +133,15 @@ class LSTM:
             dropout_masks=None,
             rng=self._rng,
             backend=self.backend,
+            before_run=self._drop_tape if saving else None,
         )
-        if is_grad_enabled():
+        if saving:
             self._tape = tape
         return output, states
+
+    def _drop_tape(self):
+        """Release the tape of the last forward pass (see :meth:`forward`)."""
+        self._tape = None
 
     def backward(self, d_output, d_hx=None):
         """Back-propagate through the last forward pass.

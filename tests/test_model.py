@@ -378,6 +378,22 @@ def test_a_forward_under_no_grad_keeps_the_tape_of_the_last_training_forward():
     np.testing.assert_array_equal(d_x, expected)
 
 
+def test_a_forward_that_fails_its_checks_keeps_the_tape_of_the_last_one():
+    """A training forward releases the earlier tape only once its inputs have passed their
+    checks: after a call that raises, backward still runs through the last good pass."""
+    rng = np.random.default_rng(6)
+    x, d_out = inputs(rng, 6, 2, 3), inputs(rng, 6, 2, 4)
+    model = numlstm.LSTM(3, 4, dtype="float64", seed=0)
+    model(x)
+    expected, _ = model.backward(d_out)
+    with pytest.raises(ValueError, match="x"):
+        model(inputs(rng, 6, 2, 5))  # 5 features for a model of 3
+    with pytest.raises(ValueError, match="lengths"):
+        model(x, lengths=[7, 1])
+    d_x, _ = model.backward(d_out)
+    np.testing.assert_array_equal(d_x, expected)
+
+
 def test_no_grad_works_as_a_decorator():
     model = numlstm.LSTM(3, 4, seed=0)
 
@@ -568,6 +584,33 @@ def test_training_memory_grows_linearly_with_sequence_length():
         peaks[steps], _ = traced_peak(step)
     ratio = peaks[8000] / peaks[2000]
     assert 3.7 < ratio < 4.3, peaks
+
+
+def test_a_training_loop_holds_one_tape_at_a_time():
+    """The next training forward releases the last one's tape before it allocates its own:
+    a second training step peaks no higher than the first, without a second tape."""
+    steps, batch, n_in, hidden = 20_000, 1, 4, 32
+    rng = np.random.default_rng(11)
+    model = numlstm.LSTM(n_in, hidden, seed=0)
+    x = inputs(rng, steps, batch, n_in, np.float32)
+    d_out = inputs(rng, steps, batch, hidden, np.float32)
+    model(x[:2])  # imports and loads the compiled kernels outside the trace
+    model.backward(d_out[:2])
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        peaks = []
+        for _ in range(2):
+            tracemalloc.reset_peak()
+            model(x)
+            model.backward(d_out)
+            peaks.append(tracemalloc.get_traced_memory()[1] - start)
+    finally:
+        tracemalloc.stop()
+    # Each step needs T B (11 H + 2 I) itemsize = 28.8 MB (see the next test); the first
+    # step's tape alive during the second would add its input copy, gates and states,
+    # T B (I + 6 H) itemsize = 15.7 MB.
+    assert peaks[1] < peaks[0] + (1 << 20), peaks
 
 
 def test_a_sequence_of_100000_steps_trains_within_the_tape_bound():
