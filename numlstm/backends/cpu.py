@@ -733,10 +733,8 @@ def _weight_gradient(d_a, m0, m1, inputs, d_w, scratch):
     """``d_w[m0:m1] = d_a[:, m0:m1]^T inputs``: gate rows ``m0:m1`` of a weight gradient,
     summed over all rows of ``d_a`` (steps and sequences) in blocks of
     ``scratch.shape[1]`` rows, each block of ``inputs`` packed into ``scratch`` first."""
-    rows, n = inputs.shape
+    rows, n = inputs.shape  # rows >= 1: the checks reject T = 0 and B = 0
     block_rows = scratch.shape[1]
-    if rows == 0:
-        _zero(d_w[m0:m1])
     for r0 in range(0, rows, block_rows):
         r1 = min(r0 + block_rows, rows)
         packed = scratch[:, : r1 - r0]
