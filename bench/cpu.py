@@ -24,8 +24,9 @@ library's OpenMP threads still spin on the cores for a while (:func:`compare`). 
 on until each side has run for ``--min-time`` seconds and at least ``--repeats`` times, and
 the table reports medians.
 
-Work is counted as forward FLOPs = 2·T·B·4H·(I_l + H) summed over layers (I_l = I for the
-first layer, H above it); training counts 3x forward. The BLAS GEMM peak is a square
+Work is counted as forward FLOPs = D·2·T·B·4H·(I_l + H) summed over layers (I_l = I for the
+first layer, D·H above it; D = 2 for a bidirectional configuration, ``T,B,I,H,layers,bi``);
+training counts 3x forward. The BLAS GEMM peak is a square
 ``np.dot`` of size ``--gemm-size`` timed in the same run on the same threads, before and
 after the configurations (the higher median counts); the table gives each side's GF/s as a
 percentage of it. The results go to cpu.json (every median, versions, threads, CPU, date),
@@ -78,22 +79,33 @@ BUSY_PEAK_CHANGE = 0.15
 
 @dataclass(frozen=True)
 class Config:
-    """One benchmark shape: sequence length, batch, input size, hidden size, layers."""
+    """One benchmark shape: sequence length, batch, input size, hidden size, layers, and
+    whether the layers are bidirectional."""
 
     T: int
     B: int
     I: int  # noqa: E741 (the equations' name for the input size)
     H: int
     layers: int
+    bidirectional: bool = False
 
     @property
     def label(self):
-        return f"{self.T},{self.B},{self.I},{self.H},{self.layers}"
+        return f"{self.T},{self.B},{self.I},{self.H},{self.layers}" + (
+            ",bi" if self.bidirectional else ""
+        )
+
+    @property
+    def directions(self):
+        """``D``: 2 for bidirectional layers, else 1."""
+        return 2 if self.bidirectional else 1
 
     def forward_flops(self):
-        """FLOPs of one forward pass: 2·T·B·4H·(I_l + H) summed over the layers."""
-        inputs = [self.I] + [self.H] * (self.layers - 1)
-        return sum(2 * self.T * self.B * 4 * self.H * (n_in + self.H) for n_in in inputs)
+        """FLOPs of one forward pass: D·2·T·B·4H·(I_l + H) summed over the layers."""
+        inputs = [self.I] + [self.directions * self.H] * (self.layers - 1)
+        return sum(
+            self.directions * 2 * self.T * self.B * 4 * self.H * (n_in + self.H) for n_in in inputs
+        )
 
     def flops(self, mode):
         """FLOPs counted for ``mode``: forward, or 3x forward for training."""
@@ -119,7 +131,8 @@ def parse_config(text):
     Parameters
     ----------
     text : str
-        A grid index (``"2"``) or five positive integers ``"T,B,I,H,layers"``.
+        A grid index (``"2"``), or five positive integers ``"T,B,I,H,layers"``, followed by
+        ``",bi"`` for bidirectional layers.
 
     Returns
     -------
@@ -128,7 +141,7 @@ def parse_config(text):
     Raises
     ------
     ValueError
-        For an index outside the grid or a string that is not five positive integers.
+        For an index outside the grid or a string of another form.
     """
     if text.isdigit():
         index = int(text)
@@ -138,12 +151,16 @@ def parse_config(text):
             )
         return GRID[index]
     fields = text.split(",")
-    if len(fields) != 5 or not all(field.strip().isdigit() and int(field) > 0 for field in fields):
+    bidirectional = len(fields) == 6 and fields[5].strip() == "bi"
+    numbers = fields[:5] if bidirectional else fields
+    if len(numbers) != 5 or not all(
+        field.strip().isdigit() and int(field) > 0 for field in numbers
+    ):
         raise ValueError(
-            f"--configs: expected a grid index or five positive integers 'T,B,I,H,layers', "
-            f"got {text!r}"
+            "--configs: expected a grid index or five positive integers 'T,B,I,H,layers' "
+            f"(then ',bi' for bidirectional layers), got {text!r}"
         )
-    return Config(*(int(field) for field in fields))
+    return Config(*(int(field) for field in numbers), bidirectional=bidirectional)
 
 
 def plan(configs, dtype):
@@ -385,6 +402,7 @@ def _models(config, dtype, cell="standard"):
             config.I,
             config.H,
             num_layers=config.layers,
+            bidirectional=config.bidirectional,
             dtype=dtype,
             backend="cpu",
             seed=0,
@@ -394,7 +412,11 @@ def _models(config, dtype, cell="standard"):
     ours = numlstm_model(cell)
     if cell == "standard":
         theirs = torch.nn.LSTM(
-            config.I, config.H, num_layers=config.layers, dtype=getattr(torch, dtype)
+            config.I,
+            config.H,
+            num_layers=config.layers,
+            bidirectional=config.bidirectional,
+            dtype=getattr(torch, dtype),
         )
         theirs.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
     else:
@@ -403,7 +425,8 @@ def _models(config, dtype, cell="standard"):
         theirs.load_state_dict({name: shared[name] for name in theirs.state_dict()})
     rng = np.random.default_rng(0)
     x = rng.standard_normal((config.T, config.B, config.I)).astype(dtype)
-    d_output = rng.standard_normal((config.T, config.B, config.H)).astype(dtype)
+    d_output = rng.standard_normal((config.T, config.B, config.directions * config.H))
+    d_output = d_output.astype(dtype)
     return ours, theirs, x, d_output
 
 
@@ -821,7 +844,7 @@ def markdown(report, command):
         "Medians of interleaved repeats"
         + (f", then medians over {len(runs)} runs of the whole plan" if runs else "")
         + "; forward is inference, train is forward + backward (parameter and input "
-        "gradients); GF/s count 2·T·B·4H·(I+H) per layer, 3x for train.",
+        "gradients); GF/s count 2·T·B·4H·(I+H) per layer and direction, 3x for train.",
         "",
         *(
             [
@@ -895,7 +918,7 @@ def plot(report, path):
     axes.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels([f"{label}\n{dtype}" for label, dtype in groups], fontsize=8)
-    axes.set_xlabel("config (T,B,I,H,layers), dtype")
+    axes.set_xlabel("config (T,B,I,H,layers[,bi]), dtype")
     cell = report.get("cell", "standard")
     axes.set_ylabel(
         "time numlstm / torch.nn.LSTM"
@@ -952,7 +975,8 @@ def _parser():
         "--configs",
         nargs="+",
         metavar="CONFIG",
-        help="grid indices or 'T,B,I,H,layers' strings (default: the whole grid; --quick: 0)",
+        help="grid indices or 'T,B,I,H,layers' strings, with ',bi' appended for bidirectional "
+        "layers (default: the whole grid; --quick: 0)",
     )
     parser.add_argument(
         "--dtype",

@@ -17,7 +17,11 @@ torch = pytest.importorskip("torch")
 
 from bench import cpu  # noqa: E402 (after the skip: the harness imports torch)
 
-TINY = (cpu.Config(6, 2, 3, 4, 1), cpu.Config(5, 2, 3, 4, 2))
+TINY = (
+    cpu.Config(6, 2, 3, 4, 1),
+    cpu.Config(5, 2, 3, 4, 2),
+    cpu.Config(5, 1, 3, 4, 2, bidirectional=True),
+)
 
 
 def test_forward_flops_count_each_layer_with_its_input_size():
@@ -26,13 +30,20 @@ def test_forward_flops_count_each_layer_with_its_input_size():
     assert config.forward_flops() == first + second
     assert config.flops("forward") == first + second
     assert config.flops("train") == 3 * (first + second)
+    # Bidirectional: each layer twice, and the second one reads both directions' outputs.
+    both = cpu.Config(T=5, B=2, I=3, H=4, layers=2, bidirectional=True)
+    first, second = 2 * 5 * 2 * 4 * 4 * (3 + 4), 2 * 5 * 2 * 4 * 4 * (8 + 4)
+    assert both.forward_flops() == 2 * (first + second)
 
 
 def test_configs_are_grid_indices_or_five_integers():
     assert cpu.parse_config("2") == cpu.Config(100, 64, 256, 256, 1)
     assert cpu.parse_config("7,3,2,5,2") == cpu.Config(7, 3, 2, 5, 2)
     assert cpu.parse_config("7,3,2,5,2").label == "7,3,2,5,2"
-    for text in (str(len(cpu.GRID)), "7,3,2,5", "7,3,2,5,0", "7,3,x,5,1"):
+    assert cpu.parse_config("7,3,2,5,2,bi") == cpu.Config(7, 3, 2, 5, 2, bidirectional=True)
+    assert cpu.parse_config("7,3,2,5,2,bi").label == "7,3,2,5,2,bi"
+    bad = (str(len(cpu.GRID)), "7,3,2,5", "7,3,2,5,0", "7,3,x,5,1", "7,3,2,5,1,2", "7,3,2,5,bi")
+    for text in bad:
         with pytest.raises(ValueError, match="--configs"):
             cpu.parse_config(text)
 
