@@ -17,6 +17,7 @@ Parameters are a dict named as ``torch.nn.LSTM.state_dict()`` names them, for in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -354,6 +355,12 @@ def _prepare_masks(spec, xp, call, dropout, dropout_masks, rng):
     ]
 
 
+def _loop_flops(spec, x):
+    """FLOPs of the recurrent products of one layer and direction, ``2 T B 4H P``, for
+    ``x`` of shape ``(T, B, I)``."""
+    return 2 * x.shape[0] * x.shape[1] * 4 * spec.hidden_size * spec.output_size
+
+
 def run_forward(spec, params, be, call, masks, save):
     """Forward through every layer and direction (inputs already checked).
 
@@ -384,29 +391,34 @@ def run_forward(spec, params, be, call, masks, save):
     for layer in range(spec.num_layers):
         if layer > 0 and masks:
             layer_input = xp.multiply(layer_input, masks[layer - 1])
-        outputs, tapes = [], []
+        jobs = []
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = spec.layer_weights(params, layer, direction)
             peephole, w_u, b_u = spec.cell_weights(params, layer, direction)
             if w_u is not None and b_u is None:
                 b_u = xp.zeros(spec.hidden_size, spec.dtype)
-            y, h, c, tape = be.layer_forward(
-                layer_input,
-                w_ih,
-                w_hh,
-                b_ih,
-                b_hh,
-                w_hr,
-                None if call.h0 is None else call.h0[k],
-                None if call.c0 is None else call.c0[k],
-                call.lengths,
-                direction == 1,
-                save,
-                peephole=peephole,
-                w_u=w_u,
-                b_u=b_u,
+            jobs.append(
+                functools.partial(
+                    be.layer_forward,
+                    layer_input,
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    w_hr,
+                    None if call.h0 is None else call.h0[k],
+                    None if call.c0 is None else call.c0[k],
+                    call.lengths,
+                    direction == 1,
+                    save,
+                    peephole=peephole,
+                    w_u=w_u,
+                    b_u=b_u,
+                )
             )
+        outputs, tapes = [], []
+        for y, h, c, tape in be.run_directions(jobs, call.batch, _loop_flops(spec, call.x)):
             outputs.append(y)
             tapes.append(tape)
             h_n.append(h)
@@ -480,8 +492,10 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
     d_h0, d_c0 = [None] * len(tape.layers) * directions, [None] * len(tape.layers) * directions
     grads = {}
     d_above = d_output
+    x = tape.layers[0][0].x
+    batch, loop_flops = x.shape[1], _loop_flops(spec, x)
     for layer in reversed(range(spec.num_layers)):
-        d_input = None
+        jobs = []
         for direction in range(directions):
             k = layer * directions + direction
             d_y = d_above
@@ -489,12 +503,18 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
                 d_y = xp.ascontiguousarray(
                     d_above[:, :, direction * width : (direction + 1) * width]
                 )
-            g = be.layer_backward(
-                tape.layers[layer][direction],
-                d_y,
-                None if d_h_n is None else xp.ascontiguousarray(d_h_n[k]),
-                None if d_c_n is None else xp.ascontiguousarray(d_c_n[k]),
+            jobs.append(
+                functools.partial(
+                    be.layer_backward,
+                    tape.layers[layer][direction],
+                    d_y,
+                    None if d_h_n is None else xp.ascontiguousarray(d_h_n[k]),
+                    None if d_c_n is None else xp.ascontiguousarray(d_c_n[k]),
+                )
             )
+        d_input = None
+        for direction, g in enumerate(be.run_directions(jobs, batch, loop_flops)):
+            k = layer * directions + direction
             d_input = g.d_x if d_input is None else xp.add(d_input, g.d_x)
             d_h0[k], d_c0[k] = g.d_h0, g.d_c0
             grads[param_name("weight_ih", layer, direction)] = g.d_w_ih

@@ -11,7 +11,9 @@ and batches that leave remainder rows after the 8-row blocks on each thread.
 from __future__ import annotations
 
 import threading
+import time
 
+import numba
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -123,7 +125,7 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
     """Few sequences against large weights split each step by units (``UNIT_SPLIT_*``);
     forced here onto a small model, with uneven blocks of units, it must give what the
     split by sequences gives: the same products, only shared out differently."""
-    for name in ("UNIT_SPLIT_MAX_ROWS", "UNIT_SPLIT_MAX_ROWS_FORWARD"):
+    for name in ("UNIT_SPLIT_MAX_ROWS", "UNIT_SPLIT_MAX_ROWS_FORWARD", "UNIT_SPLIT_FEW_ROWS"):
         monkeypatch.setattr(cpu, name, 0)
     by_sequences = _run(dtype)
 
@@ -142,6 +144,156 @@ def test_steps_split_by_hidden_units_equal_steps_split_by_sequences(monkeypatch,
     # 2 layers x 2 directions, for 3 forward passes (training, 2 inference) and 1 backward.
     assert packed.count(blocks) == 4 * 2 * 2
     _assert_same_results(by_units, by_sequences, dtype)
+
+
+def test_few_sequences_split_the_forward_pass_by_units_from_1_mb():
+    """The forward pass splits by units with one sequence a thread from 1 MB of ``W_hh``
+    (float32 H = 256), and otherwise from 2 MB with fewer than 13 rows a thread; the
+    backward pass only from 2 MB with fewer than 8 (two threads here)."""
+
+    def forward(batch, hidden):
+        return cpu._split_by_units(
+            batch,
+            hidden,
+            16 * hidden * hidden,  # float32 W_hh, 4H x H
+            2,
+            cpu.UNIT_SPLIT_MAX_ROWS_FORWARD,
+            cpu.UNIT_SPLIT_FEW_ROWS,
+        )
+
+    def backward(batch, hidden):
+        return cpu._split_by_units(batch, hidden, 16 * hidden * hidden, 2, cpu.UNIT_SPLIT_MAX_ROWS)
+
+    assert forward(1, 256) and forward(2, 256)
+    assert not forward(3, 256) and not forward(8, 256)
+    assert not forward(1, 192)  # 576 KB
+    assert forward(24, 384) and not forward(26, 384)  # 2.25 MB: 12 and 13 rows a thread
+    assert not backward(1, 256)
+    assert backward(14, 384) and not backward(16, 384)
+
+
+def _record_layer_calls(monkeypatch):
+    """Record each call of the CPU backend's layer entry points: its direction (reverse or
+    not), the thread that ran it and Numba's thread count in that thread."""
+    calls = []
+
+    def recorded(original, reverse_of):
+        def call(*args, **kwargs):
+            calls.append((reverse_of(args), threading.get_ident(), numba.get_num_threads()))
+            return original(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(cpu, "layer_forward", recorded(cpu.layer_forward, lambda a: a[9]))
+    monkeypatch.setattr(cpu, "layer_backward", recorded(cpu.layer_backward, lambda a: a[0].reverse))
+    return calls
+
+
+def _concurrent():
+    """Whether this machine runs a layer's directions at once for one sequence."""
+    return numba.get_num_threads() >= 2 and cpu.threading_layer() in cpu.CONCURRENT_LAYERS
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_directions_of_one_sequence_run_at_once(monkeypatch, dtype):
+    """With fewer sequences than threads, a layer's two directions run at once, the reverse
+    one in the worker thread, each on half of the threads (forced here onto a small model,
+    padded, with initial states), and give what they give one after the other."""
+
+    def run():
+        model = numlstm.LSTM(4, 11, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((6, 1, 4)).astype(dtype)
+        h0 = rng.standard_normal((4, 1, 11)).astype(dtype)
+        c0 = rng.standard_normal((4, 1, 11)).astype(dtype)
+        output, (h_n, c_n) = model(x, (h0, c0), lengths=[4])
+        d_x, (d_h0, d_c0) = model.backward(rng.standard_normal(output.shape).astype(dtype))
+        with numlstm.no_grad():
+            inference, _ = model(x, (h0, c0), lengths=[4])
+        return {
+            "output": output,
+            "h_n": h_n,
+            "c_n": c_n,
+            "d_x": d_x,
+            "d_h0": d_h0,
+            "d_c0": d_c0,
+            "inference": inference,
+            **model.grads,
+        }
+
+    monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 1 << 62)
+    one_after_the_other = run()
+    monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 0)
+    calls = _record_layer_calls(monkeypatch)
+    at_once = run()
+    _assert_same_results(at_once, one_after_the_other, dtype)
+
+    # 2 layers x 2 directions, in the training forward pass, backward and inference.
+    assert len(calls) == 12
+    threads = numba.get_num_threads()
+    main = threading.get_ident()
+    forward_direction = {(thread, count) for reverse, thread, count in calls if not reverse}
+    reverse_direction = {(thread, count) for reverse, thread, count in calls if reverse}
+    if _concurrent():
+        assert forward_direction == {(main, threads // 2)}
+        assert len(reverse_direction) == 1
+        worker, count = reverse_direction.pop()
+        assert worker != main and count == threads - threads // 2
+    else:
+        assert forward_direction == reverse_direction == {(main, threads)}
+
+
+def test_run_directions_returns_in_order_and_passes_errors_on(monkeypatch):
+    """The results come back in the jobs' order; an error in either direction reaches the
+    caller, and one in the first only after the second has ended (at once or not)."""
+    monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 0)
+    assert cpu.run_directions([lambda: "forward", lambda: "reverse"], 1, 0) == [
+        "forward",
+        "reverse",
+    ]
+
+    ended = threading.Event()
+
+    def first():
+        raise ValueError("the first direction failed")
+
+    def second():
+        time.sleep(0.05)
+        ended.set()
+        return "reverse"
+
+    with pytest.raises(ValueError, match="the first direction failed"):
+        cpu.run_directions([first, second], 1, 0)
+    assert ended.is_set() == _concurrent()  # one after the other, the second never starts
+
+    def failing_second():
+        raise KeyError("the second direction failed")
+
+    with pytest.raises(KeyError, match="the second direction failed"):
+        cpu.run_directions([lambda: "forward", failing_second], 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("batch", "loop_flops", "layer"),
+    [(2, 1 << 30, None), (1, (1 << 24) - 1, None), (1, 1 << 30, "workqueue")],
+    ids=["as-many-sequences-as-threads", "little-work", "workqueue-layer"],
+)
+def test_run_directions_runs_them_in_turn(monkeypatch, batch, loop_flops, layer):
+    """One after the other in the calling thread, each on all threads: when every thread
+    has a sequence of its own (two threads here), when the time loops have too little work
+    to pay for the hand-over, and under Numba's workqueue threading layer, which cannot
+    start parallel regions from two threads at once."""
+    monkeypatch.setattr(cpu, "get_num_threads", lambda: 2)
+    if layer is not None:
+        monkeypatch.setattr(cpu, "threading_layer", lambda: layer)
+    ran = []
+
+    def job():
+        ran.append((threading.get_ident(), numba.get_num_threads()))
+        return len(ran)
+
+    assert cpu.run_directions([job, job], batch, loop_flops) == [1, 2]
+    assert ran == [(threading.get_ident(), numba.get_num_threads())] * 2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -16,12 +16,13 @@ import functools
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit, prange, set_num_threads, threading_layer
 
 from ..equations import implements
 from ..gates import (
@@ -94,14 +95,16 @@ def _start_numba_threads():
     measured 100 us, which doubled the time of small calls. A short spin
     (``GOMP_SPINCOUNT``) keeps the workers awake between the regions of one call and
     asleep between calls. The settings are read once, when the pool starts, so the
-    environment is restored right after; settings the user made are kept.
+    environment is restored right after; settings the user made are kept. The pool starts
+    here in either case, so that :func:`run_directions` can ask which threading layer runs.
     """
+    from numba.np.ufunc.parallel import _launch_threads
+
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        _launch_threads()
         return
     os.environ["GOMP_SPINCOUNT"] = str(GOMP_SPINCOUNT)
     try:
-        from numba.np.ufunc.parallel import _launch_threads
-
         _launch_threads()
     finally:
         del os.environ["GOMP_SPINCOUNT"]
@@ -112,6 +115,86 @@ GOMP_SPINCOUNT = 20_000
 
 
 _start_numba_threads()
+
+
+def run_directions(jobs, batch, loop_flops):
+    """Run the two directions of a layer (entry point shared by every backend).
+
+    ``jobs`` are functions of no arguments, one per direction, independent of each other;
+    the results come back in their order. When the batch leaves Numba's threads idle in
+    the time loops (fewer sequences than threads, as with one sequence on two threads) and
+    each time loop has enough work (:data:`CONCURRENT_DIRECTIONS_MIN_FLOPS`), the two
+    directions run at once, each on its own half of the threads, the second in a worker
+    thread (the kernels release the GIL). Otherwise, or where Numba's threading layer
+    cannot run parallel regions from two threads at once (``workqueue``), they run one
+    after the other, each on all threads.
+
+    Parameters
+    ----------
+    jobs : list of callable
+        One per direction.
+    batch : int
+        ``B``.
+    loop_flops : int
+        FLOPs of one direction's recurrent products, ``2 T B 4H P``.
+
+    Returns
+    -------
+    list
+        What each job returned.
+    """
+    threads = get_num_threads()
+    if (
+        len(jobs) != 2
+        or batch >= threads
+        or loop_flops < CONCURRENT_DIRECTIONS_MIN_FLOPS
+        or threading_layer() not in CONCURRENT_LAYERS
+    ):
+        return [job() for job in jobs]
+    share = threads // 2
+    second = _direction_worker().submit(_with_threads, jobs[1], threads - share)
+    try:
+        first = _with_threads(jobs[0], share)
+    finally:
+        wait([second])  # before an error in the first job leaves, too
+    return [first, second.result()]
+
+
+#: The directions run at once only where each time loop's products take at least this many
+#: FLOPs: handing a direction to the worker thread, and the two threads taking turns with
+#: the GIL between kernels, cost about 130 us. Measured float32 bidirectional inference with
+#: one sequence on 2 threads, at once over one after the other, separate processes,
+#: (T, B, I, H), FLOPs: (50, 1, 32, 64), 1.6 M: 1.75; (300, 1, 32, 64), 9.8 M: 1.00;
+#: (200, 1, 64, 128), 26 M: 0.82; (100, 1, 96, 192), 29 M: 0.70; (1000, 1, 32, 64), 33 M:
+#: 0.70; (100, 1, 128, 256), 52 M: 0.74 (against by units, :data:`UNIT_SPLIT_FEW_ROWS`).
+CONCURRENT_DIRECTIONS_MIN_FLOPS = 1 << 24
+#: Numba threading layers that run parallel regions started from several threads at once.
+CONCURRENT_LAYERS = ("omp", "tbb")
+
+_worker_lock = threading.Lock()
+_worker = None
+_worker_pid = None
+
+
+def _direction_worker():
+    """The thread that runs a second direction (one per process: a forked child, which
+    does not inherit the parent's threads, starts its own)."""
+    global _worker, _worker_pid
+    with _worker_lock:
+        if _worker is None or _worker_pid != os.getpid():
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="numlstm-direction")
+            _worker_pid = os.getpid()
+        return _worker
+
+
+def _with_threads(job, threads):
+    """``job()`` with Numba's thread count set to ``threads`` in the calling thread."""
+    saved = get_num_threads()
+    set_num_threads(threads)
+    try:
+        return job()
+    finally:
+        set_num_threads(saved)
 
 
 @functools.cache
@@ -1122,15 +1205,31 @@ UNIT_SPLIT_MAX_ROWS_FORWARD = 13
 #: training 1.04 of the time, the forward pass's gain included.
 UNIT_SPLIT_MAX_ROWS = 8
 UNIT_SPLIT_MIN_BYTES = 1 << 21
+#: The forward pass also splits by units when the sequences leave each thread at most this
+#: many rows and ``W_hh`` is at least ``UNIT_SPLIT_FEW_ROWS_MIN_BYTES``: with one row a
+#: thread, the product streams all of ``W_hh`` from L2 at every step for little work, and
+#: one thread's share of it streams in half the time (with a single sequence, by sequences
+#: leaves the other threads idle as well). Measured float32 on 2 threads, by units over by
+#: sequences, in-process A/B, (T, B, I, H): forward (100, 1, 128, 256) 0.81, (100, 2, 128,
+#: 256) 0.87-0.89, but (100, 4, 128, 256) 0.99 and (100, 8, 128, 256) 1.28; training
+#: (100, 1, 128, 256) 0.94-0.97 and (100, 2, 128, 256) 0.96-1.00. With ``W_hh`` of 576 KB,
+#: (100, 1, 96, 192) forward 1.00-1.01 and (100, 2, 96, 192) 1.05.
+UNIT_SPLIT_FEW_ROWS = 1
+UNIT_SPLIT_FEW_ROWS_MIN_BYTES = 1 << 20
 
 
-def _split_by_units(batch, hidden, weight_bytes, threads, max_rows):
-    """Whether to split each step by hidden units rather than by sequences."""
+def _split_by_units(batch, hidden, weight_bytes, threads, max_rows, few_rows=0):
+    """Whether to split each step by hidden units rather than by sequences: with fewer than
+    ``max_rows`` rows a thread and ``W_hh`` of ``UNIT_SPLIT_MIN_BYTES``, or at most
+    ``few_rows`` and ``UNIT_SPLIT_FEW_ROWS_MIN_BYTES``."""
+    rows = -(-batch // threads)
     return (
         threads > 1
         and hidden >= threads
-        and -(-batch // threads) < max_rows
-        and weight_bytes >= UNIT_SPLIT_MIN_BYTES
+        and (
+            (rows < max_rows and weight_bytes >= UNIT_SPLIT_MIN_BYTES)
+            or (rows <= few_rows and weight_bytes >= UNIT_SPLIT_FEW_ROWS_MIN_BYTES)
+        )
     )
 
 
@@ -1360,7 +1459,12 @@ def layer_forward(
     h_in_y = not save and int(lengths.min()) == len(x)
     threads = get_num_threads()
     by_units = standard and _split_by_units(
-        len(lengths), hidden, w_hh.nbytes, threads, UNIT_SPLIT_MAX_ROWS_FORWARD
+        len(lengths),
+        hidden,
+        w_hh.nbytes,
+        threads,
+        UNIT_SPLIT_MAX_ROWS_FORWARD,
+        UNIT_SPLIT_FEW_ROWS,
     )
     n_inputs = w_ih.shape[1]
     stacked = (

@@ -1032,6 +1032,26 @@ class LayerTape(NamedTuple):
     u_seq: object
 
 
+def run_directions(jobs, batch, loop_flops):
+    """Run the two directions of a layer one after the other (entry point shared by every
+    backend; see :func:`numlstm.backends.cpu.run_directions`): each direction's kernels
+    already spread over the whole GPU.
+
+    Parameters
+    ----------
+    jobs : list of callable
+        One per direction, functions of no arguments.
+    batch, loop_flops : int
+        ``B``, and the FLOPs of one direction's recurrent products (unused here).
+
+    Returns
+    -------
+    list
+        What each job returned, in order.
+    """
+    return [job() for job in jobs]
+
+
 def layer_forward(
     x,
     w_ih,
