@@ -143,13 +143,10 @@ def run_directions(jobs, batch, loop_flops):
     list
         What each job returned.
     """
+    if len(jobs) != 2 or loop_flops < CONCURRENT_DIRECTIONS_MIN_FLOPS:
+        return [job() for job in jobs]
     threads = get_num_threads()
-    if (
-        len(jobs) != 2
-        or batch >= threads
-        or loop_flops < CONCURRENT_DIRECTIONS_MIN_FLOPS
-        or threading_layer() not in CONCURRENT_LAYERS
-    ):
+    if batch >= threads or threading_layer() not in CONCURRENT_LAYERS:
         return [job() for job in jobs]
     share = threads // 2
     second = _direction_worker().submit(_with_threads, jobs[1], threads - share)
