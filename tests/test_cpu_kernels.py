@@ -79,15 +79,16 @@ def test_recurrent_product_sweeps_large_weights_both_ways(dtype, accumulate, pan
         np.testing.assert_array_equal(out, expected)
 
 
-def _run(dtype):
-    """A bidirectional two-layer model over unsorted padded sequences with initial states:
-    output, final states and every gradient."""
+def _run(dtype, lengths=(6, 2, 5)):
+    """A bidirectional two-layer model over unsorted padded sequences (one per length) with
+    initial states: output, final states and every gradient, and inference."""
     model = numlstm.LSTM(4, 11, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((6, 3, 4)).astype(dtype)
-    h0 = rng.standard_normal((4, 3, 11)).astype(dtype)
-    c0 = rng.standard_normal((4, 3, 11)).astype(dtype)
-    lengths = np.array([6, 2, 5])
+    batch = len(lengths)
+    x = rng.standard_normal((6, batch, 4)).astype(dtype)
+    h0 = rng.standard_normal((4, batch, 11)).astype(dtype)
+    c0 = rng.standard_normal((4, batch, 11)).astype(dtype)
+    lengths = np.array(lengths)
     output, (h_n, c_n) = model(x, (h0, c0), lengths=lengths)
     d_x, (d_h0, d_c0) = model.backward(rng.standard_normal(output.shape).astype(dtype))
     results = {
@@ -200,36 +201,15 @@ def test_the_directions_of_one_sequence_run_at_once(monkeypatch, dtype):
     one in the worker thread, each on half of the threads (forced here onto a small model,
     padded, with initial states), and give what they give one after the other."""
 
-    def run():
-        model = numlstm.LSTM(4, 11, num_layers=2, bidirectional=True, dtype=dtype, seed=1)
-        rng = np.random.default_rng(1)
-        x = rng.standard_normal((6, 1, 4)).astype(dtype)
-        h0 = rng.standard_normal((4, 1, 11)).astype(dtype)
-        c0 = rng.standard_normal((4, 1, 11)).astype(dtype)
-        output, (h_n, c_n) = model(x, (h0, c0), lengths=[4])
-        d_x, (d_h0, d_c0) = model.backward(rng.standard_normal(output.shape).astype(dtype))
-        with numlstm.no_grad():
-            inference, _ = model(x, (h0, c0), lengths=[4])
-        return {
-            "output": output,
-            "h_n": h_n,
-            "c_n": c_n,
-            "d_x": d_x,
-            "d_h0": d_h0,
-            "d_c0": d_c0,
-            "inference": inference,
-            **model.grads,
-        }
-
     monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 1 << 62)
-    one_after_the_other = run()
+    one_after_the_other = _run(dtype, lengths=(4,))
     monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 0)
     calls = _record_layer_calls(monkeypatch)
-    at_once = run()
+    at_once = _run(dtype, lengths=(4,))
     _assert_same_results(at_once, one_after_the_other, dtype)
 
-    # 2 layers x 2 directions, in the training forward pass, backward and inference.
-    assert len(calls) == 12
+    # 2 layers x 2 directions, in the training forward pass, backward and two inferences.
+    assert len(calls) == 16
     threads = numba.get_num_threads()
     main = threading.get_ident()
     forward_direction = {(thread, count) for reverse, thread, count in calls if not reverse}
