@@ -10,6 +10,11 @@ and batches that leave remainder rows after the 8-row blocks on each thread.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -171,6 +176,69 @@ def test_few_sequences_split_the_forward_pass_by_units_from_1_mb():
     assert forward(24, 384) and not forward(26, 384)  # 2.25 MB: 12 and 13 rows a thread
     assert not backward(1, 256)
     assert backward(14, 384) and not backward(16, 384)
+
+
+def test_limit_threads_lowers_the_calling_threads_count_only():
+    """The kernels run a parallel region with fewer iterations than threads (one sequence's
+    time loop, a short projection) on as many threads as it has work for."""
+    before = numba.get_num_threads()
+    try:
+        assert cpu._limit_threads(1) == before
+        assert numba.get_num_threads() == 1
+        assert cpu._limit_threads(before + 5) == 1  # never above the count it finds
+        assert numba.get_num_threads() == 1
+        assert cpu._limit_threads(0) == 1  # at least one
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_pass_leaves_the_callers_thread_count_as_it_found_it(batch):
+    model = numlstm.LSTM(4, 6, bidirectional=True, seed=0)
+    x = np.ones((5, batch, 4), np.float32)
+    before = numba.get_num_threads()
+    output, _ = model(x)
+    model.backward(np.ones_like(output))
+    with numlstm.no_grad():
+        model(x)
+    assert numba.get_num_threads() == before
+
+
+def test_time_loops_load_from_the_cache_in_a_new_process(tmp_path):
+    """The time loops, which set the thread count of their regions, stay cacheable: a
+    second process loads them from the cache and agrees with the first."""
+    script = textwrap.dedent(
+        """
+        import json
+        import numpy as np
+        import numlstm
+        from numlstm.backends import cpu
+        model = numlstm.LSTM(3, 5, seed=0)
+        x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 1, 3)
+        output, _ = model(x)
+        d_x, _ = model.backward(np.ones_like(output))
+        kernels = (cpu.forward_kernel, cpu.backward_kernel)
+        print(json.dumps({
+            "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+            "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels),
+            "out": output.tobytes().hex() + d_x.tobytes().hex(),
+        }))
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert "Cannot cache" not in result.stderr
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] == 2 and runs[0]["hits"] == 0
+    assert runs[1]["hits"] == 2 and runs[1]["misses"] == 0
+    assert runs[0]["out"] == runs[1]["out"]
 
 
 def _record_layer_calls(monkeypatch):

@@ -22,7 +22,10 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
-from numba import get_num_threads, njit, prange, set_num_threads, threading_layer
+from llvmlite import ir as llvm_ir
+from numba import get_num_threads, njit, prange, set_num_threads, threading_layer, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..equations import implements
 from ..gates import (
@@ -415,6 +418,63 @@ def _blocks(size, threads):
     return max(1, min(threads, size))
 
 
+#: A parallel region whose work is below this many FLOPs a thread runs on fewer threads.
+PARALLEL_MIN_FLOPS = 1 << 21
+
+
+@intrinsic
+def _thread_count(typingctx):
+    """Numba's thread count in the calling thread, as ``numba.get_num_threads``.
+
+    Numba's own ``get_num_threads`` and ``set_num_threads`` reach its threading layer
+    through ctypes pointers when compiled, which keeps a function that calls them out of
+    the cache; these call the layer's functions by the names Numba registers with LLVM
+    when it starts its threads (which :func:`_start_numba_threads` does at import), as
+    compiled parallel regions do.
+    """
+
+    def codegen(context, builder, signature, args):
+        intp = context.get_value_type(types.intp)
+        function = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(intp, []), "get_num_threads"
+        )
+        return builder.call(function, [])
+
+    return types.intp(), codegen
+
+
+@intrinsic
+def _set_thread_count(typingctx, threads):
+    """``numba.set_num_threads(threads)`` for the calling thread (see :func:`_thread_count`);
+    ``threads`` must lie between 1 and ``NUMBA_NUM_THREADS``."""
+
+    def codegen(context, builder, signature, args):
+        count = llvm_ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [count]), "set_num_threads"
+        )
+        builder.call(function, [builder.trunc(args[0], count)])
+        return context.get_dummy_value()
+
+    return types.none(types.intp), codegen
+
+
+@njit(cache=True, nogil=True)
+def _limit_threads(threads):
+    """Run the next parallel regions of the calling thread on at most ``threads`` of Numba's
+    threads (at least one); return the count to restore with :func:`_set_thread_count`.
+
+    A region wakes every thread, even those its iterations leave without work, and waits
+    for them at its end: after some idle time, a thread asleep on a virtual machine's idle
+    CPU took about 0.4 ms to wake (float32 (T, B, I, H) = (1000, 1, 32, 64) inference, two
+    regions per chunk of 64 steps: 0.79 ms back to back, 12.8 ms 20 ms after the last
+    call).
+    """
+    saved = _thread_count()
+    _set_thread_count(max(1, min(threads, saved)))
+    return saved
+
+
 @njit(cache=True, nogil=True)
 def _block(k, blocks, size):
     """Bounds ``[lo, hi)`` of the ``k``-th of ``blocks`` near-equal parts of ``range(size)``."""
@@ -606,8 +666,12 @@ def forward_kernel(
     for n in range((steps_total + chunk - 1) // chunk):
         t_lo, t_hi = _layout.chunk_bounds(n, chunk, steps_total, reverse)
         if not stacked:
-            _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, threads)
+            flops = 2 * (t_hi - t_lo) * batch * n_inputs * gates.shape[2]
+            saved = _limit_threads(flops // PARALLEL_MIN_FLOPS)
+            _input_projection(x, w_ih_packed, bias, gates, t_lo, t_hi, _thread_count())
+            _set_thread_count(saved)
         blocks = _blocks(batch, threads)
+        saved = _limit_threads(blocks)
         for k in prange(blocks):
             lo, hi = _block(k, blocks, batch)
             # [x_t, h_{t-1}] for each of the block's sequences, with stacked weights.
@@ -658,6 +722,7 @@ def forward_kernel(
                         else:
                             _copy(h_prev[b], h[b])
                             _zero(y[t, b])
+        _set_thread_count(saved)
 
 
 @implements(
@@ -1042,6 +1107,7 @@ def backward_kernel(
     d_m = np.empty((batch, hidden), x.dtype)
     d_h_recurrent = np.empty(d_h.shape, x.dtype)
     blocks = _blocks(batch, threads)
+    saved = _limit_threads(blocks)
     for k in prange(blocks):
         lo, hi = _block(k, blocks, batch)
         times = range(steps_total) if reverse else range(steps_total - 1, -1, -1)
@@ -1105,6 +1171,7 @@ def backward_kernel(
             for b in range(lo, hi):
                 if t < lengths[b]:
                     _copy(d_h_recurrent[b], d_h[b])
+    _set_thread_count(saved)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -1491,28 +1558,32 @@ def layer_forward(
         # Only the projection's and the use layer's per-step products call BLAS in the
         # forward pass; limiting its threads costs about 10 us per call, a tenth of a
         # short one.
-        with single_threaded_blas() if not standard else nullcontext():
-            forward_kernel(
-                x,
-                w_ih_packed,
-                w_hh_packed,
-                bias,
-                w_hr_t,
-                peephole,
-                w_u_t,
-                b_u,
-                lengths,
-                reverse,
-                gates,
-                c_seq,
-                h_seq,
-                r_seq,
-                m_seq,
-                u_seq,
-                y,
-                h_in_y,
-                threads,
-            )
+        try:
+            with single_threaded_blas() if not standard else nullcontext():
+                forward_kernel(
+                    x,
+                    w_ih_packed,
+                    w_hh_packed,
+                    bias,
+                    w_hr_t,
+                    peephole,
+                    w_u_t,
+                    b_u,
+                    lengths,
+                    reverse,
+                    gates,
+                    c_seq,
+                    h_seq,
+                    r_seq,
+                    m_seq,
+                    u_seq,
+                    y,
+                    h_in_y,
+                    threads,
+                )
+        except BaseException:
+            set_num_threads(threads)  # the kernel's regions may be left on fewer threads
+            raise
     tape = None
     if save:
         tape = LayerTape(
@@ -1585,29 +1656,33 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         w_hh_packed = empty_packed(*w_hh.shape, dtype)
         pack(w_hh, w_hh_packed)
         # Only the projection's and the use layer's per-step products call BLAS.
-        with single_threaded_blas() if not standard else nullcontext():
-            backward_kernel(
-                x,
-                w_hh_packed,
-                w_hr,
-                tape.peephole,
-                tape.w_u,
-                tape.lengths,
-                tape.reverse,
-                tape.gates,
-                tape.c_seq,
-                tape.h_seq,
-                tape.r_seq,
-                tape.m_seq,
-                tape.u_seq,
-                d_y,
-                d_h,
-                d_c,
-                d_gates,
-                d_hs,
-                d_u,
-                threads,
-            )
+        try:
+            with single_threaded_blas() if not standard else nullcontext():
+                backward_kernel(
+                    x,
+                    w_hh_packed,
+                    w_hr,
+                    tape.peephole,
+                    tape.w_u,
+                    tape.lengths,
+                    tape.reverse,
+                    tape.gates,
+                    tape.c_seq,
+                    tape.h_seq,
+                    tape.r_seq,
+                    tape.m_seq,
+                    tape.u_seq,
+                    d_y,
+                    d_h,
+                    d_c,
+                    d_gates,
+                    d_hs,
+                    d_u,
+                    threads,
+                )
+        except BaseException:
+            set_num_threads(threads)  # the kernel's regions may be left on fewer threads
+            raise
     steps = len(x)
     h_prev = tape.h_seq[1:] if tape.reverse else tape.h_seq[:steps]
     gemm_args = (
