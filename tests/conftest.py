@@ -1,8 +1,12 @@
-"""Shared test configuration: tolerances per dtype (one table), Hypothesis profiles."""
+"""Shared test configuration: tolerances per dtype (one table), Hypothesis profiles, and a
+runner for scripts in new processes sharing one Numba cache."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +84,19 @@ def default_backend(monkeypatch):
     numlstm.set_backend(None)
     yield
     numlstm.set_backend(None)
+
+
+def run_twice_in_new_processes(script, cache_dir):
+    """Run ``script`` in two new Python processes, one after the other, sharing the Numba
+    cache ``cache_dir`` and importing numlstm from this checkout; return the JSON object
+    each printed last, and each one's standard error."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        runs.append((json.loads(result.stdout.strip().splitlines()[-1]), result.stderr))
+    return runs

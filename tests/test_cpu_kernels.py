@@ -10,10 +10,6 @@ and batches that leave remainder rows after the 8-row blocks on each thread.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,7 +17,7 @@ import time
 import numba
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, run_twice_in_new_processes
 
 import numlstm
 from numlstm.backends import cpu
@@ -193,6 +189,17 @@ def test_limit_threads_lowers_the_calling_threads_count_only():
         numba.set_num_threads(before)
 
 
+def test_a_kernel_error_gives_the_caller_its_thread_count_back():
+    """If a time-loop kernel raises after it lowered its regions' thread count, the layer
+    entry point puts the caller's count back."""
+    before = numba.get_num_threads()
+    with pytest.raises(RuntimeError, match="the kernel failed"):
+        with cpu._ThreadsKept(before):
+            cpu._limit_threads(1)
+            raise RuntimeError("the kernel failed")
+    assert numba.get_num_threads() == before
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_pass_leaves_the_callers_thread_count_as_it_found_it(batch):
     model = numlstm.LSTM(4, 6, bidirectional=True, seed=0)
@@ -226,16 +233,10 @@ def test_time_loops_load_from_the_cache_in_a_new_process(tmp_path):
         }))
         """
     )
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     runs = []
-    for _ in range(2):
-        result = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-        )
-        assert "Cannot cache" not in result.stderr
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    for run, stderr in run_twice_in_new_processes(script, tmp_path):
+        assert "Cannot cache" not in stderr
+        runs.append(run)
     assert runs[0]["misses"] == 2 and runs[0]["hits"] == 0
     assert runs[1]["hits"] == 2 and runs[1]["misses"] == 0
     assert runs[0]["out"] == runs[1]["out"]

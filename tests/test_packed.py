@@ -1,15 +1,12 @@
 """Tests for the packed-weight GEMM (numlstm.backends._packed)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import llvmlite.binding as llvm
 import numba
 import numpy as np
 import pytest
+from conftest import run_twice_in_new_processes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -314,15 +311,7 @@ def test_cache_reload_in_new_process(tmp_path):
                           "out": out.tobytes().hex()}))
         """
     )
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    runs = []
-    for _ in range(2):
-        result = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-        )
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    runs = [run for run, _ in run_twice_in_new_processes(script, tmp_path)]
     assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
     assert runs[0]["out"] == runs[1]["out"]

@@ -197,6 +197,24 @@ def _with_threads(job, threads):
         set_num_threads(saved)
 
 
+class _ThreadsKept:
+    """Puts the calling thread's Numba thread count back if a time-loop kernel raises: the
+    kernels set their regions' own (:func:`_limit_threads`) and restore it on return."""
+
+    __slots__ = ("threads",)
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            set_num_threads(self.threads)
+        return False
+
+
 @functools.cache
 def _blas_libraries():
     """threadpoolctl's controllers of the BLAS libraries loaded (Numba's is SciPy's)."""
@@ -1558,32 +1576,28 @@ def layer_forward(
         # Only the projection's and the use layer's per-step products call BLAS in the
         # forward pass; limiting its threads costs about 10 us per call, a tenth of a
         # short one.
-        try:
-            with single_threaded_blas() if not standard else nullcontext():
-                forward_kernel(
-                    x,
-                    w_ih_packed,
-                    w_hh_packed,
-                    bias,
-                    w_hr_t,
-                    peephole,
-                    w_u_t,
-                    b_u,
-                    lengths,
-                    reverse,
-                    gates,
-                    c_seq,
-                    h_seq,
-                    r_seq,
-                    m_seq,
-                    u_seq,
-                    y,
-                    h_in_y,
-                    threads,
-                )
-        except BaseException:
-            set_num_threads(threads)  # the kernel's regions may be left on fewer threads
-            raise
+        with single_threaded_blas() if not standard else nullcontext(), _ThreadsKept(threads):
+            forward_kernel(
+                x,
+                w_ih_packed,
+                w_hh_packed,
+                bias,
+                w_hr_t,
+                peephole,
+                w_u_t,
+                b_u,
+                lengths,
+                reverse,
+                gates,
+                c_seq,
+                h_seq,
+                r_seq,
+                m_seq,
+                u_seq,
+                y,
+                h_in_y,
+                threads,
+            )
     tape = None
     if save:
         tape = LayerTape(
@@ -1656,33 +1670,29 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         w_hh_packed = empty_packed(*w_hh.shape, dtype)
         pack(w_hh, w_hh_packed)
         # Only the projection's and the use layer's per-step products call BLAS.
-        try:
-            with single_threaded_blas() if not standard else nullcontext():
-                backward_kernel(
-                    x,
-                    w_hh_packed,
-                    w_hr,
-                    tape.peephole,
-                    tape.w_u,
-                    tape.lengths,
-                    tape.reverse,
-                    tape.gates,
-                    tape.c_seq,
-                    tape.h_seq,
-                    tape.r_seq,
-                    tape.m_seq,
-                    tape.u_seq,
-                    d_y,
-                    d_h,
-                    d_c,
-                    d_gates,
-                    d_hs,
-                    d_u,
-                    threads,
-                )
-        except BaseException:
-            set_num_threads(threads)  # the kernel's regions may be left on fewer threads
-            raise
+        with single_threaded_blas() if not standard else nullcontext(), _ThreadsKept(threads):
+            backward_kernel(
+                x,
+                w_hh_packed,
+                w_hr,
+                tape.peephole,
+                tape.w_u,
+                tape.lengths,
+                tape.reverse,
+                tape.gates,
+                tape.c_seq,
+                tape.h_seq,
+                tape.r_seq,
+                tape.m_seq,
+                tape.u_seq,
+                d_y,
+                d_h,
+                d_c,
+                d_gates,
+                d_hs,
+                d_u,
+                threads,
+            )
     steps = len(x)
     h_prev = tape.h_seq[1:] if tape.reverse else tape.h_seq[:steps]
     gemm_args = (
