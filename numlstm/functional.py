@@ -355,10 +355,11 @@ def _prepare_masks(spec, xp, call, dropout, dropout_masks, rng):
     ]
 
 
-def _loop_flops(spec, x):
-    """FLOPs of the recurrent products of one layer and direction, ``2 T B 4H P``, for
-    ``x`` of shape ``(T, B, I)``."""
-    return 2 * x.shape[0] * x.shape[1] * 4 * spec.hidden_size * spec.output_size
+def _recurrent_work(spec, x):
+    """For ``x`` of shape ``(T, B, I)``: the FLOPs of one layer and direction's recurrent
+    products, ``2 T B 4H P``, and the bytes of its ``W_hh`` (``4H x P``)."""
+    weights = 4 * spec.hidden_size * spec.output_size
+    return 2 * x.shape[0] * x.shape[1] * weights, weights * np.dtype(spec.dtype).itemsize
 
 
 def run_forward(spec, params, be, call, masks, save):
@@ -418,7 +419,7 @@ def run_forward(spec, params, be, call, masks, save):
                 )
             )
         outputs, tapes = [], []
-        for y, h, c, tape in be.run_directions(jobs, call.batch, _loop_flops(spec, call.x)):
+        for y, h, c, tape in be.run_directions(jobs, call.batch, *_recurrent_work(spec, call.x)):
             outputs.append(y)
             tapes.append(tape)
             h_n.append(h)
@@ -493,7 +494,7 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
     grads = {}
     d_above = d_output
     x = tape.layers[0][0].x
-    batch, loop_flops = x.shape[1], _loop_flops(spec, x)
+    batch, work = x.shape[1], _recurrent_work(spec, x)
     for layer in reversed(range(spec.num_layers)):
         jobs = []
         for direction in range(directions):
@@ -513,7 +514,7 @@ def _run_backward(tape, xp, d_output, d_h_n, d_c_n):
                 )
             )
         d_input = None
-        for direction, g in enumerate(be.run_directions(jobs, batch, loop_flops)):
+        for direction, g in enumerate(be.run_directions(jobs, batch, *work)):
             k = layer * directions + direction
             d_input = g.d_x if d_input is None else xp.add(d_input, g.d_x)
             d_h0[k], d_c0[k] = g.d_h0, g.d_c0

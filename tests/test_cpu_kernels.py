@@ -296,7 +296,7 @@ def test_run_directions_returns_in_order_and_passes_errors_on(monkeypatch):
     """The results come back in the jobs' order; an error in either direction reaches the
     caller, and one in the first only after the second has ended (at once or not)."""
     monkeypatch.setattr(cpu, "CONCURRENT_DIRECTIONS_MIN_FLOPS", 0)
-    assert cpu.run_directions([lambda: "forward", lambda: "reverse"], 1, 0) == [
+    assert cpu.run_directions([lambda: "forward", lambda: "reverse"], 1, 0, 0) == [
         "forward",
         "reverse",
     ]
@@ -312,26 +312,32 @@ def test_run_directions_returns_in_order_and_passes_errors_on(monkeypatch):
         return "reverse"
 
     with pytest.raises(ValueError, match="the first direction failed"):
-        cpu.run_directions([first, second], 1, 0)
+        cpu.run_directions([first, second], 1, 0, 0)
     assert ended.is_set() == _concurrent()  # one after the other, the second never starts
 
     def failing_second():
         raise KeyError("the second direction failed")
 
     with pytest.raises(KeyError, match="the second direction failed"):
-        cpu.run_directions([lambda: "forward", failing_second], 1, 0)
+        cpu.run_directions([lambda: "forward", failing_second], 1, 0, 0)
 
 
 @pytest.mark.parametrize(
-    ("batch", "loop_flops", "layer"),
-    [(2, 1 << 30, None), (1, (1 << 24) - 1, None), (1, 1 << 30, "workqueue")],
-    ids=["as-many-sequences-as-threads", "little-work", "workqueue-layer"],
+    ("batch", "loop_flops", "weight_bytes", "layer"),
+    [
+        (2, 1 << 30, 0, None),
+        (1, (1 << 24) - 1, 0, None),
+        (1, 1 << 30, 1 << 21, None),
+        (1, 1 << 30, 0, "workqueue"),
+    ],
+    ids=["as-many-sequences-as-threads", "little-work", "large-weights", "workqueue-layer"],
 )
-def test_run_directions_runs_them_in_turn(monkeypatch, batch, loop_flops, layer):
+def test_run_directions_runs_them_in_turn(monkeypatch, batch, loop_flops, weight_bytes, layer):
     """One after the other in the calling thread, each on all threads: when every thread
     has a sequence of its own (two threads here), when the time loops have too little work
-    to pay for the hand-over, and under Numba's workqueue threading layer, which cannot
-    start parallel regions from two threads at once."""
+    to pay for the hand-over, when ``W_hh`` is too large for one core's cache (each step is
+    then shared by units between the threads), and under Numba's workqueue threading layer,
+    which cannot start parallel regions from two threads at once."""
     monkeypatch.setattr(cpu, "get_num_threads", lambda: 2)
     if layer is not None:
         monkeypatch.setattr(cpu, "threading_layer", lambda: layer)
@@ -341,7 +347,7 @@ def test_run_directions_runs_them_in_turn(monkeypatch, batch, loop_flops, layer)
         ran.append((threading.get_ident(), numba.get_num_threads()))
         return len(ran)
 
-    assert cpu.run_directions([job, job], batch, loop_flops) == [1, 2]
+    assert cpu.run_directions([job, job], batch, loop_flops, weight_bytes) == [1, 2]
     assert ran == [(threading.get_ident(), numba.get_num_threads())] * 2
 
 

@@ -3,9 +3,10 @@
 A backend is a module that exposes the same kernel-level entry points,
 ``layer_forward(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, lengths, reverse, save)``,
 ``layer_backward(tape, d_y, d_h_n, d_c_n)`` (one layer, one direction, a padded batch with
-lengths; see :mod:`numlstm.backends.cpu`) and ``run_directions(jobs, batch, loop_flops)``,
-which runs a layer's two directions (calls of those, independent of each other) at once or
-in turn, as suits the backend; plus the array namespace ``xp`` that the shared
+lengths; see :mod:`numlstm.backends.cpu`) and
+``run_directions(jobs, batch, loop_flops, weight_bytes)``, which runs a layer's two
+directions (calls of those, independent of each other) at once or in turn, as suits the
+backend; plus the array namespace ``xp`` that the shared
 orchestration in :mod:`numlstm.functional` uses: NumPy on the CPU, and on other
 backends a namespace with the NumPy functions ``add``, ``asarray``, ``ascontiguousarray``,
 ``concatenate``, ``copy``, ``empty``, ``may_share_memory``, ``multiply``, ``reshape``,

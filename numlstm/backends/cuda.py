@@ -1032,7 +1032,7 @@ class LayerTape(NamedTuple):
     u_seq: object
 
 
-def run_directions(jobs, batch, loop_flops):
+def run_directions(jobs, batch, loop_flops, weight_bytes):
     """Run the two directions of a layer one after the other (entry point shared by every
     backend; see :func:`numlstm.backends.cpu.run_directions`): each direction's kernels
     already spread over the whole GPU.
@@ -1041,8 +1041,9 @@ def run_directions(jobs, batch, loop_flops):
     ----------
     jobs : list of callable
         One per direction, functions of no arguments.
-    batch, loop_flops : int
-        ``B``, and the FLOPs of one direction's recurrent products (unused here).
+    batch, loop_flops, weight_bytes : int
+        ``B``, the FLOPs of one direction's recurrent products and the bytes of its
+        ``W_hh`` (unused here).
 
     Returns
     -------
