@@ -494,7 +494,7 @@ def _limit_threads(threads):
     A region wakes every thread, even those its iterations leave without work, and waits
     for them at its end: after some idle time, a thread asleep on a virtual machine's idle
     CPU took about 0.4 ms to wake (float32 (T, B, I, H) = (1000, 1, 32, 64) inference, two
-    regions per chunk of 64 steps: 0.79 ms back to back, 12.8 ms 20 ms after the last
+    regions per chunk of 64 steps: 0.79 ms back to back, 12.8-15.3 ms 20 ms after the last
     call).
     """
     saved = _thread_count()
@@ -874,7 +874,8 @@ def backward_steps_by_units(reverse, gates, c_seq, w_hh_units, lengths, d_y, d_h
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _add_rows(rows, total):
-    """``total += rows.sum(axis=0)`` for a C-contiguous block of rows, one row at a time.
+    """``total += rows.sum(axis=0)`` for a block of rows (a slice of columns too), one row at
+    a time.
 
     A plain loop: the array expression ``total += rows[r]`` per row took 6x longer (12.5
     against 2.0 us for 128 rows of 256 float32), a fifth of the time of the gradient GEMMs
@@ -966,10 +967,8 @@ def _gradient_gemms(
         if m1 > m0:
             _weight_gradient(d_a, m0, m1, inputs, d_w_ih, scratch[k, :input_panels])
             _weight_gradient(d_a, m0, m1, h_prev, d_w_hh, scratch[k, input_panels:])
-            d_b = d_bias[m0:m1]
-            _zero(d_b)
-            for r in range(rows):
-                _add(d_a[r, m0:m1], d_b)
+            _zero(d_bias[m0:m1])
+            _add_rows(d_a[:, m0:m1], d_bias[m0:m1])
 
 
 #: Rows of ``δa`` per block of :func:`_gradient_gemms_packed`: the block (``128 x 4H``, 512
