@@ -389,6 +389,7 @@ def run_forward(spec, params, be, call, masks, save):
     h_n, c_n = [], []
     layer_input = call.x
     layer_tapes = []
+    work = _recurrent_work(spec, call.x)
     for layer in range(spec.num_layers):
         if layer > 0 and masks:
             layer_input = xp.multiply(layer_input, masks[layer - 1])
@@ -419,7 +420,7 @@ def run_forward(spec, params, be, call, masks, save):
                 )
             )
         outputs, tapes = [], []
-        for y, h, c, tape in be.run_directions(jobs, call.batch, *_recurrent_work(spec, call.x)):
+        for y, h, c, tape in be.run_directions(jobs, call.batch, *work):
             outputs.append(y)
             tapes.append(tape)
             h_n.append(h)
