@@ -532,6 +532,17 @@ def test_padded_steps_never_feed_uninitialised_memory_into_the_gradients():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def no_buffer_pool(monkeypatch):
+    """Every buffer allocated afresh, as a call needs it: the CPU backend's pool
+    (``tests/test_buffers.py``) would otherwise hand out buffers of earlier calls, whose
+    memory the traces below do not see."""
+    from numlstm.backends import cpu
+
+    cpu.release_memory()
+    monkeypatch.setattr(cpu.buffer_pool, "max_bytes", 0)
+
+
 def traced_peak(function):
     """Peak bytes NumPy and Python allocate while ``function`` runs, and its result."""
     tracemalloc.start()
@@ -544,6 +555,7 @@ def traced_peak(function):
         tracemalloc.stop()
 
 
+@pytest.mark.usefixtures("no_buffer_pool")
 @pytest.mark.parametrize("proj_size", [0, 16])
 def test_inference_memory_is_independent_of_sequence_length_beyond_the_output(proj_size):
     rng = np.random.default_rng(8)
@@ -566,6 +578,7 @@ def test_inference_memory_is_independent_of_sequence_length_beyond_the_output(pr
     assert extra[8000] < 64 * batch * 4 * hidden * 4 * 1.5 + 64 * 1024, extra
 
 
+@pytest.mark.usefixtures("no_buffer_pool")
 def test_training_memory_grows_linearly_with_sequence_length():
     rng = np.random.default_rng(9)
     batch, n_in, hidden = 4, 8, 32
@@ -586,6 +599,7 @@ def test_training_memory_grows_linearly_with_sequence_length():
     assert 3.7 < ratio < 4.3, peaks
 
 
+@pytest.mark.usefixtures("no_buffer_pool")
 def test_a_training_loop_holds_one_tape_at_a_time():
     """The next training forward releases the last one's tape before it allocates its own:
     a second training step peaks no higher than the first, without a second tape."""
@@ -613,6 +627,7 @@ def test_a_training_loop_holds_one_tape_at_a_time():
     assert peaks[1] < peaks[0] + (1 << 20), peaks
 
 
+@pytest.mark.usefixtures("no_buffer_pool")
 def test_a_sequence_of_100000_steps_trains_within_the_tape_bound():
     steps, batch, n_in, hidden = 100_000, 1, 4, 32
     itemsize = 4  # float32

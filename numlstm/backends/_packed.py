@@ -37,6 +37,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import _buffers
+
 __all__ = [
     "aligned_empty",
     "empty_packed",
@@ -127,7 +129,8 @@ def packed_shape(k, n, dtype):
 
 
 def aligned_empty(shape, dtype):
-    """An uninitialised C-contiguous array whose first element is 64-byte aligned.
+    """An uninitialised C-contiguous array whose first element is 64-byte aligned, on a
+    buffer of :data:`._buffers.pool` (one that no array uses any more, or a new one).
 
     Parameters
     ----------
@@ -142,7 +145,7 @@ def aligned_empty(shape, dtype):
     size = math.prod(shape) * dtype.itemsize
     if size == 0:  # nothing to align (the buffers a cell does not use)
         return np.empty(shape, dtype)
-    raw = np.empty(size + VECTOR_BYTES, dtype=np.uint8)
+    raw = _buffers.pool.take(size + VECTOR_BYTES)
     return np.ndarray(shape, dtype, raw, -_address(raw) % VECTOR_BYTES)
 
 

@@ -40,7 +40,7 @@ from ..gates import (
     use_gate_backward_ltm_stm,
     use_gate_ltm_stm,
 )
-from . import _layout
+from . import _buffers, _layout
 from ._packed import (
     aligned_empty,
     empty_packed,
@@ -239,6 +239,24 @@ def _blas_libraries():
 #: share no line when a row fills whole lines. Float32, (T, B, I, H) = (200, 16, 32, 64),
 #: inference on 2 threads: 987 -> 797 us; on 1 thread with B = 8: 777 -> 679 us.
 ALIGNED = SimpleNamespace(empty=aligned_empty)
+
+#: The buffers of the calls (their tapes, work arrays and outputs), handed out again once
+#: no array refers to them, so that a training loop does not take fresh pages at every
+#: step (:mod:`._buffers`): it holds up to ``buffer_pool.max_bytes`` (256 MiB), in use or
+#: idle; ``buffer_pool.max_bytes = 0`` keeps none.
+buffer_pool = _buffers.pool
+
+
+def release_memory():
+    """Give back the memory of the buffers that no array uses any more.
+
+    The CPU backend keeps the buffers of its calls for the next ones
+    (:data:`buffer_pool`); this drops the idle ones, for a process that has finished
+    training and wants the memory back. Nothing else changes: the next calls allocate
+    anew.
+    """
+    buffer_pool.release()
+
 
 #: The forward time loop multiplies ``[x_t, h_{t-1}]`` by the stacked ``[W_ih^T; W_hh^T]``
 #: at each step, instead of a projection pass over all steps before it, while the stacked
