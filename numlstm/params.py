@@ -265,8 +265,7 @@ class LSTMSpec:
         w_hr : array or None
             None without projection.
         """
-        names = [param_name(kind, layer, direction) for kind in _KINDS]
-        return tuple(params.get(name) for name in names)
+        return tuple(params.get(name) for name in _names(_KINDS, layer, direction))
 
     def cell_weights(self, params, layer, direction):
         """The cell variant's own arrays of one layer and direction.
@@ -278,8 +277,14 @@ class LSTMSpec:
         w_u, b_u : arrays or None
             The use layer for ``cell="ltm_stm"`` (``b_u`` None without bias).
         """
-        names = [param_name(kind, layer, direction) for kind in _CELL_KINDS]
-        return tuple(params.get(name) for name in names)
+        return tuple(params.get(name) for name in _names(_CELL_KINDS, layer, direction))
+
+
+@functools.cache
+def _names(kinds, layer, direction):
+    """The names of ``kinds`` for one layer and direction (built once: every forward and
+    backward call looks its weights up by them)."""
+    return tuple(param_name(kind, layer, direction) for kind in kinds)
 
 
 _KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")

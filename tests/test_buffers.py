@@ -120,6 +120,15 @@ def test_a_pool_of_no_bytes_keeps_nothing():
     assert pool.held() == 0 and pool.idle() == 0
 
 
+def test_requests_below_min_bytes_bypass_the_pool():
+    pool = _buffers.BufferPool(1 << 20, min_bytes=512)
+    small = pool.take(511)
+    assert small.nbytes == 511 and pool.held() == 0
+    del small
+    assert pool.take(511).nbytes == 511 and pool.held() == 0
+    assert pool.take(512).nbytes == 512 and pool.held() == 512
+
+
 def test_threads_never_hold_one_buffer_at_once():
     pool = _buffers.BufferPool(1 << 16)
     errors = []
@@ -180,7 +189,8 @@ CONFIGS = {"one-layer": dict(), "two-layer-bidirectional": dict(num_layers=2, bi
 
 def _batches(config, count):
     rng = np.random.default_rng(3)
-    steps, batch, n_in, hidden = 30, 4, 6, 16
+    # Large enough for the pool (POOL_MIN_BYTES): the gates take 200 * 8 * 128 * 4 = 800 KB.
+    steps, batch, n_in, hidden = 200, 8, 6, 32
     width = hidden * (2 if config.get("bidirectional") else 1)
     xs = [rng.standard_normal((steps, batch, n_in)).astype(np.float32) for _ in range(count)]
     d_outs = [rng.standard_normal((steps, batch, width)).astype(np.float32) for _ in range(count)]

@@ -13,9 +13,10 @@ with 2050 faults, against 72 ms.
 no array refers to it any more: an array made on a buffer (:func:`._packed.aligned_empty`),
 and every view of it, holds a reference to it, so a buffer referred to by the pool alone
 is free, whatever has happened to the arrays that used it. Nothing is reused while any
-view, NumPy's or Numba's, is alive. The pool holds at most :data:`POOL_BYTES` of buffers,
-in use or idle, so that no more than that stays allocated after the arrays are gone; a
-buffer beyond it is handed out untracked, and freed as any array.
+view, NumPy's or Numba's, is alive. Buffers under :data:`POOL_MIN_BYTES` bypass the pool.
+It holds at most :data:`POOL_BYTES` of buffers, in use or idle, so that no more than that
+stays allocated after the arrays are gone; a buffer beyond it is handed out untracked,
+and freed as any array.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ import numpy as np
 #: training step up to float32 (T, B, I, H) = (100, 64, 256, 256) twice over (85 MB a
 #: step, outputs included).
 POOL_BYTES = 1 << 28
+#: Smaller requests bypass the pool: the C library serves them from its free lists, which
+#: it keeps (glibc gives back only a heap top larger than twice the largest block freed,
+#: and maps blocks from 128 KB on by themselves at first), so they cost no page faults,
+#: and the pool's bookkeeping (about 1 us a buffer) would cost more than it saves.
+POOL_MIN_BYTES = 1 << 17
 #: An idle buffer serves a request of this fraction of its size or more (sequences of
 #: varying lengths reuse the buffers of longer ones); a smaller request allocates.
 REUSE_MIN_FRACTION = 0.75
@@ -57,10 +63,13 @@ class BufferPool:
     ----------
     max_bytes : int
         Bytes of buffers held at most, in use or idle.
+    min_bytes : int
+        Requests below this many bytes get a new buffer, which the pool does not keep.
     """
 
-    def __init__(self, max_bytes):
+    def __init__(self, max_bytes, min_bytes=0):
         self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
         self._buffers = []  # least recently taken first, in use or idle
         self._bytes = 0
         self._lock = threading.Lock()
@@ -82,6 +91,8 @@ class BufferPool:
         numpy.ndarray
             1-D, ``uint8``; its contents are undefined.
         """
+        if nbytes < self.min_bytes:
+            return np.empty(nbytes, np.uint8)
         with self._lock:
             buffers = self._buffers
             best = -1
@@ -139,5 +150,5 @@ class BufferPool:
 
 
 #: The CPU backend's pool (``pool.max_bytes = 0`` keeps none).
-pool = BufferPool(POOL_BYTES)
+pool = BufferPool(POOL_BYTES, POOL_MIN_BYTES)
 os.register_at_fork(after_in_child=pool.new_lock)

@@ -242,8 +242,9 @@ ALIGNED = SimpleNamespace(empty=aligned_empty)
 
 #: The buffers of the calls (their tapes, work arrays and outputs), handed out again once
 #: no array refers to them, so that a training loop does not take fresh pages at every
-#: step (:mod:`._buffers`): it holds up to ``buffer_pool.max_bytes`` (256 MiB), in use or
-#: idle; ``buffer_pool.max_bytes = 0`` keeps none.
+#: step (:mod:`._buffers`): it keeps those of ``buffer_pool.min_bytes`` (128 KB) and more,
+#: up to ``buffer_pool.max_bytes`` (256 MiB) in use or idle; ``buffer_pool.max_bytes = 0``
+#: keeps none.
 buffer_pool = _buffers.pool
 
 
