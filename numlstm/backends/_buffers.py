@@ -4,10 +4,10 @@ A training step allocates its tape, the gate gradients and its outputs afresh: s
 ``T x B x 4H`` arrays. When they are released, the C library gives large free blocks back
 to the operating system (glibc: a heap top larger than twice the largest block freed, up
 to 64 MB), and the next step's arrays take new pages, each of which the kernel zeroes on
-its first touch. Measured here (``python bench/training_loop.py``, a loop of ``LSTM``
-training steps, float32), without the pool: (T, B, I, H) = (50, 16, 32, 64) 1.29 ms a
-step with 420 page faults, against 0.76 ms and none with it; (100, 64, 256, 256) 79 ms
-with 2050 faults, against 72 ms.
+its first touch. Measured here (``python bench/training_loop.py --processes 5``, a loop
+of ``LSTM`` training steps, float32), without the pool: (T, B, I, H) = (50, 16, 32, 64)
+1.32 ms a step with 418 page faults, against 0.80 ms and none with it; (100, 64, 256, 256)
+81 ms with 2047 faults, against 73 ms.
 
 :class:`BufferPool` keeps the raw buffers it has handed out, and hands one out again once
 no array refers to it any more: an array made on a buffer (:func:`._packed.aligned_empty`),
