@@ -103,6 +103,20 @@ def test_the_pool_holds_at_most_max_bytes_and_drops_the_least_recently_taken_fir
     del c, small
 
 
+def test_the_pool_holds_at_most_max_buffers():
+    pool = _buffers.BufferPool(1 << 20, max_buffers=3)
+    kept = [pool.take(100) for _ in range(5)]  # a caller keeping every output
+    assert pool.held() == 300 and all(b.nbytes == 100 for b in kept)
+    first, second = kept[0].ctypes.data, kept[1].ctypes.data
+    del kept[:2]  # two of the tracked ones go idle
+    small = pool.take(50)  # no idle one serves 50 bytes: the least recently taken goes
+    assert pool.held() == 250
+    again = pool.take(100)
+    assert again.ctypes.data == second and again.ctypes.data != first
+    assert pool.idle() == 0
+    del small, again
+
+
 def test_release_drops_idle_buffers_only():
     pool = _buffers.BufferPool(1 << 20)
     kept = pool.take(500)

@@ -14,9 +14,9 @@ no array refers to it any more: an array made on a buffer (:func:`._packed.align
 and every view of it, holds a reference to it, so a buffer referred to by the pool alone
 is free, whatever has happened to the arrays that used it. Nothing is reused while any
 view, NumPy's or Numba's, is alive. Buffers under :data:`POOL_MIN_BYTES` bypass the pool.
-It holds at most :data:`POOL_BYTES` of buffers, in use or idle, so that no more than that
-stays allocated after the arrays are gone; a buffer beyond it is handed out untracked,
-and freed as any array.
+It holds at most :data:`POOL_BYTES` in :data:`POOL_MAX_BUFFERS` buffers, in use or idle,
+so that no more than that stays allocated after the arrays are gone; a buffer beyond
+either is handed out untracked, and freed as any array.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ import numpy as np
 #: training step up to float32 (T, B, I, H) = (100, 64, 256, 256) twice over (85 MB a
 #: step, outputs included).
 POOL_BYTES = 1 << 28
+#: Buffers the pool holds at most, in use or idle: each request looks through them, so a
+#: caller that keeps many outputs (a list of every batch's predictions) must not make every
+#: call slower; beyond, as beyond :data:`POOL_BYTES`, a new buffer is handed out untracked.
+#: A training step of three bidirectional layers takes about 50.
+POOL_MAX_BUFFERS = 128
 #: Smaller requests bypass the pool: the C library serves them from its free lists, which
 #: it keeps (glibc gives back only a heap top larger than twice the largest block freed,
 #: and maps blocks from 128 KB on by themselves at first), so they cost no page faults,
@@ -65,11 +70,14 @@ class BufferPool:
         Bytes of buffers held at most, in use or idle.
     min_bytes : int
         Requests below this many bytes get a new buffer, which the pool does not keep.
+    max_buffers : int
+        Buffers held at most, in use or idle.
     """
 
-    def __init__(self, max_bytes, min_bytes=0):
+    def __init__(self, max_bytes, min_bytes=0, max_buffers=POOL_MAX_BUFFERS):
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes
+        self.max_buffers = max_buffers
         self._buffers = []  # least recently taken first, in use or idle
         self._bytes = 0
         self._lock = threading.Lock()
@@ -109,9 +117,9 @@ class BufferPool:
                 buffer = buffers.pop(best)
                 buffers.append(buffer)
                 return buffer
-            self._trim(self.max_bytes - nbytes)
+            self._trim(self.max_bytes - nbytes, self.max_buffers - 1)
             buffer = np.empty(nbytes, np.uint8)
-            if self._bytes + nbytes <= self.max_bytes:
+            if self._bytes + nbytes <= self.max_bytes and len(buffers) < self.max_buffers:
                 buffers.append(buffer)
                 self._bytes += nbytes
             return buffer
@@ -128,19 +136,20 @@ class BufferPool:
     def release(self):
         """Drop every idle buffer (the memory goes back to the C library)."""
         with self._lock:
-            self._trim(0)
+            self._trim(0, 0)
 
     def held(self):
         """Bytes of the buffers the pool holds, in use or idle."""
         return self._bytes
 
-    def _trim(self, keep):
+    def _trim(self, keep_bytes, keep_buffers):
         """Drop idle buffers, least recently taken first, until the pool holds at most
-        ``keep`` bytes or none is idle (the lock is held)."""
+        ``keep_bytes`` bytes in at most ``keep_buffers`` buffers, or none is idle (the lock
+        is held)."""
         buffers = self._buffers
         dropped = set()
         for k in range(len(buffers)):
-            if self._bytes <= keep:
+            if self._bytes <= keep_bytes and len(buffers) - len(dropped) <= keep_buffers:
                 break
             if _references(buffers, k) == _IDLE:
                 self._bytes -= buffers[k].nbytes
