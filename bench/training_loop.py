@@ -11,9 +11,10 @@ training loop calls them, with nothing else between the steps. It prints the med
 of a step and the minor page faults per step (``getrusage``), medians over the processes,
 and (where PyTorch is installed) the same loop of ``torch.nn.LSTM`` training steps on as
 many threads, in processes of its own.
-Unlike ``python -m bench``, no other library runs between the steps: there, torch's own
-allocations between numlstm's calls keep the heap's free memory around, and neither side
-pays the faults that a loop of its own calls meets.
+
+Unlike ``python -m bench``, no other library runs between the steps: there, torch's
+allocations between numlstm's calls kept the heap's free memory around, and numlstm did
+not pay the faults that a loop of its own calls met before the pool.
 """
 
 from __future__ import annotations
