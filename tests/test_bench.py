@@ -280,3 +280,16 @@ def test_gradient_bench_times_both_ways_on_the_same_arrays(restored_thread_env, 
     assert "T,B,I,H = 3,5,7,9: partials" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         gradients.main(["--shapes", "3,5,7"])
+
+
+def test_training_loop_bench_times_each_side_in_processes_of_its_own(capsys):
+    from bench import training_loop
+
+    training_loop.main(["--configs", "6,2,3,4", "--steps", "2", "--processes", "1"])
+    header, rule, row = capsys.readouterr().out.strip().splitlines()
+    assert header.startswith("| config (T,B,I,H) | pool ms") and rule.startswith("|---")
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "6,2,3,4" and len(cells) == 9
+    # Times, faults and ratios of the pool, no pool and torch sides: all measured numbers.
+    assert all(float(cell) >= 0 for cell in cells[1:])
+    assert float(cells[1]) > 0 and float(cells[3]) > 0 and float(cells[6]) > 0
