@@ -29,8 +29,8 @@ import sys
 CONFIGS = ("50,16,32,64", "100,32,64,128", "100,64,256,256", "200,8,128,512")
 RESULTS = ("seconds", "faults")
 
-_CHILD = """
-import json, resource, statistics, time
+# Each side defines step(), one training step; _TIMING times it the same way for both.
+_NUMLSTM_STEP = """
 import numpy as np
 import numlstm
 from numlstm.backends import cpu
@@ -41,23 +41,12 @@ model = numlstm.LSTM(I, H, dtype="float32", seed=0)
 rng = np.random.default_rng(0)
 x = rng.standard_normal((T, B, I)).astype(np.float32)
 d_output = rng.standard_normal((T, B, H)).astype(np.float32)
-for _ in range(5):
+def step():
     model(x)
     model.backward(d_output)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-times = []
-for _ in range({steps}):
-    start = time.perf_counter()
-    model(x)
-    model.backward(d_output)
-    times.append(time.perf_counter() - start)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-print(json.dumps({{"seconds": statistics.median(times), "faults": faults / {steps}}}))
 """
 
-
-_TORCH_CHILD = """
-import json, resource, statistics, time
+_TORCH_STEP = """
 import numba
 import torch
 torch.set_num_threads(numba.get_num_threads())
@@ -69,6 +58,10 @@ def step():
     x.grad = None
     model.zero_grad()
     model(x)[0].backward(d_output)
+"""
+
+_TIMING = """
+import json, resource, statistics, time
 for _ in range(5):
     step()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -83,8 +76,8 @@ print(json.dumps({{"seconds": statistics.median(times), "faults": faults / {step
 
 
 def _run_child(config, pool, steps):
-    template = _CHILD if pool is not None else _TORCH_CHILD
-    code = template.format(config=config, pool=pool, steps=steps)
+    setup = _NUMLSTM_STEP if pool is not None else _TORCH_STEP
+    code = (setup + _TIMING).format(config=config, pool=pool, steps=steps)
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
