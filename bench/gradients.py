@@ -63,9 +63,7 @@ def measure(shape, dtype, repeats=11):
     w_ih = rng.standard_normal((4 * hidden, n_inputs)).astype(dtype)
     w_ih_packed = _packed.empty_packed(*w_ih.shape, dtype)
     _packed.pack(w_ih, w_ih_packed)
-    nr = _packed.panel_width(dtype)
-    panels = -(-n_inputs // nr) + -(-hidden // nr)
-    scratch = _packed.aligned_empty((THREADS, panels, cpu.GRADIENT_BLOCK_ROWS, nr), dtype)
+    work = cpu.gradient_work(THREADS, n_inputs, hidden, hidden, dtype)
 
     def outputs():
         return [
@@ -78,8 +76,8 @@ def measure(shape, dtype, repeats=11):
     by_gates, by_blocks = outputs(), outputs()
     args = (d_a, inputs, h_prev, w_ih_packed)
     ways = (
-        lambda: cpu._gradient_gemms(*args, *by_gates, scratch, THREADS),
-        lambda: cpu._gradient_gemms_packed(*args, *by_blocks, scratch, THREADS),
+        lambda: cpu._gradient_gemms(*args, *by_gates, *work, THREADS),
+        lambda: cpu._gradient_gemms_packed(*args, *by_blocks, *work, THREADS),
     )
     times = [[], []]
     for way in ways:

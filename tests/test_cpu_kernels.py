@@ -379,15 +379,33 @@ def test_gradient_gemms_by_gate_rows_equal_by_rows(monkeypatch, block_rows, thre
     _assert_same_results(by_gate_rows, by_rows, dtype)
 
 
+@pytest.mark.parametrize("packed_gradients", [True, False], ids=["by_rows", "by_gate_rows"])
+def test_transposed_d_a_gives_the_same_bits(monkeypatch, packed_gradients):
+    """Whether the gradient GEMMs read ``δa^T`` from a transposed copy of each block or in
+    place (``TRANSPOSE_MIN_ROW_BYTES``) changes where the products load their left factor,
+    not what they add up: the whole model's results are the same bits both ways."""
+    monkeypatch.setattr(cpu, "PACKED_GRADIENT_MAX_BYTES", 1 << 40 if packed_gradients else 0)
+    results = []
+    for min_row_bytes in (0, 1 << 40):
+        monkeypatch.setattr(cpu, "TRANSPOSE_MIN_ROW_BYTES", min_row_bytes)
+        results.append(_run("float32"))
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(results[1][name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 40])
 @pytest.mark.parametrize("way", ["_gradient_gemms", "_gradient_gemms_packed"])
-def test_gradient_gemms_equal_numpy(way, threads, dtype):
+@pytest.mark.parametrize("transposed", [True, False], ids=["d_a_t", "in_place"])
+def test_gradient_gemms_equal_numpy(monkeypatch, transposed, way, threads, dtype):
     """Both ways of the gradient GEMMs against NumPy's products, at a shape with full and
     ragged panels (I = 37, P = 100) and 400 gate rows: shared over 1 to 3 threads, or over
     more threads than the 25 blocks of 16 gate rows (some get none), with the outputs
-    poisoned with NaN first."""
-    from numlstm.backends._packed import aligned_empty, empty_packed, pack, panel_width
+    poisoned with NaN first; reading each block of ``δa^T`` from a transposed copy (whose
+    tiles are ragged at 301 rows and at a thread's share of gate rows) and in place."""
+    from numlstm.backends._packed import empty_packed, pack
+
+    monkeypatch.setattr(cpu, "TRANSPOSE_MIN_ROW_BYTES", 0 if transposed else 1 << 40)
 
     rng = np.random.default_rng(threads)
     rows, n_inputs, hidden = 301, 37, 100
@@ -397,16 +415,13 @@ def test_gradient_gemms_equal_numpy(way, threads, dtype):
     w_ih = rng.standard_normal((4 * hidden, n_inputs)).astype(dtype)
     w_ih_packed = empty_packed(*w_ih.shape, dtype)
     pack(w_ih, w_ih_packed)
-    nr = panel_width(dtype)
-    panels = -(-n_inputs // nr) + -(-hidden // nr)
-    scratch = aligned_empty((threads, panels, cpu.GRADIENT_BLOCK_ROWS, nr), dtype)
+    work = cpu.gradient_work(threads, n_inputs, hidden, hidden, dtype)
+    assert work[1].shape[1] == (4 * hidden if transposed else 0)
     d_x = np.full((rows, n_inputs), np.nan, dtype)
     d_w_ih = np.full(w_ih.shape, np.nan, dtype)
     d_w_hh = np.full((4 * hidden, hidden), np.nan, dtype)
     d_bias = np.full(4 * hidden, np.nan, dtype)
-    getattr(cpu, way)(
-        d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, scratch, threads
-    )
+    getattr(cpu, way)(d_a, inputs, h_prev, w_ih_packed, d_x, d_w_ih, d_w_hh, d_bias, *work, threads)
     d_a64 = d_a.astype(np.float64)
     assert_close(d_x, d_a64 @ w_ih, dtype=dtype, name="d_x")
     assert_close(d_w_ih, d_a64.T @ inputs, dtype=dtype, name="d_w_ih")

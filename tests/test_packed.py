@@ -16,6 +16,7 @@ from numlstm.backends._packed import (
     packed_matmul,
     packed_shape,
     panel_width,
+    transpose,
 )
 
 DTYPES = [np.float32, np.float64]
@@ -272,6 +273,39 @@ def test_shape_errors():
         packed_matmul(rows, packed, out, 40, False, np.ones(39, np.float32))
     with pytest.raises(ValueError, match="bias"):  # not contiguous
         packed_matmul(rows, packed, out, 40, False, np.ones(80, np.float32)[::2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    row_offset=st.integers(0, 3),
+    column_offset=st.integers(0, 3),
+)
+@settings(max_examples=40, deadline=None)
+def test_transpose_equals_numpy(dtype, m, n, row_offset, column_offset):
+    """``transpose`` writes ``src.T`` into the top-left of ``dst`` and nothing else: whole
+    tiles of one vector a side (16 float32, 8 float64) and ragged edges, from a slice of a
+    larger array (any row stride, any alignment) into a larger ``dst``."""
+    rng = np.random.default_rng(m * 41 + n)
+    big = rng.standard_normal((m + row_offset + 2, n + column_offset + 5)).astype(dtype)
+    src = big[row_offset : row_offset + m, column_offset : column_offset + n]
+    dst = np.full((n + 3, m + 7), SENTINEL, dtype)
+    transpose(src, dst)
+    np.testing.assert_array_equal(dst[:n, :m], src.T)
+    assert (dst[n:] == SENTINEL).all() and (dst[:, m:] == SENTINEL).all()
+
+
+def test_transpose_errors():
+    src = np.ones((4, 20), np.float32)
+    with pytest.raises(ValueError, match="smaller"):
+        transpose(src, np.zeros((19, 4), np.float32))
+    with pytest.raises(ValueError, match="smaller"):
+        transpose(src, np.zeros((20, 3), np.float32))
+    with pytest.raises(ValueError, match="unit stride"):
+        transpose(np.ones((4, 40), np.float32)[:, ::2], np.zeros((20, 4), np.float32))
+    with pytest.raises(ValueError, match="unit stride"):
+        transpose(src, np.zeros((20, 8), np.float32)[:, ::2])
 
 
 def test_ir_keeps_512_bit_vectors():
