@@ -111,8 +111,9 @@ def test_pack_layout_and_zero_padding(dtype):
 @pytest.mark.parametrize("layout", ["rows", "transposed", "strided"])
 @pytest.mark.parametrize("k", [1, 5, 8, 13, 37])
 def test_pack_reads_every_layout_of_w(dtype, layout, k):
-    """Contiguous rows (copied a panel row at a time), a transpose (in tiles of 8 rows of
-    ``k`` and the rest) and a strided view, into a slice of a larger packed buffer."""
+    """Contiguous rows (copied a panel row at a time), a transpose (each panel transposed
+    by tiles in registers) and a strided view (in tiles of 8 rows of ``k`` and the rest),
+    into a slice of a larger packed buffer."""
     nr = panel_width(dtype)
     n = 2 * nr + 5
     big = np.arange(3 * k * n, dtype=dtype).reshape(3 * k, n) + 1

@@ -192,9 +192,11 @@ def pack(w, packed):
     -----
     Full panels are copied by whole rows of ``NR`` values, a constant, so that LLVM turns
     each into two vector moves where ``w``'s rows are contiguous (``W_ih``, ``W_hh`` for
-    the backward pass: 1.9 -> 0.7 us for a 256 x 32 float32 weight), and in tiles of 8
-    rows of ``k`` where they are not (the forward pass's ``W^T``, read along the columns
-    of ``W``: 2.8 -> 2.4 us for 32 x 256). The ragged last panel goes value by value.
+    the backward pass: 1.9 -> 0.7 us for a 256 x 32 float32 weight). Where ``w`` is the
+    transpose of such a weight (the forward pass's ``W^T``), each panel is a block of
+    ``NR`` rows of ``W`` transposed by :func:`transpose` (float32, 32 x 256: 2.7 -> 1.4 us;
+    256 x 1024: 89 -> 47 us); for other strides, in tiles of 8 rows of ``k``. The ragged
+    last panel goes value by value.
     """
     k_count, n = w.shape
     panels, _, nr = packed.shape
@@ -207,6 +209,11 @@ def pack(w, packed):
         for p in range(full_panels):
             for k in range(k_count):
                 _copy_panel_row(w[k, p * nr : (p + 1) * nr], packed[p, k])
+    elif w.strides[0] == w.itemsize and packed.strides[2] == packed.itemsize:
+        # w is the transpose of a row-major weight: each panel is a transposed block of rows.
+        w_t = w.T
+        for p in range(full_panels):
+            transpose(w_t[p * nr : (p + 1) * nr], packed[p])
     else:
         for p in range(full_panels):
             k0 = 0
