@@ -241,6 +241,15 @@ def _copy_panel_row(source, row):
         row[j] = source[j]
 
 
+def _vector_types(context, dtype):
+    """LLVM types for an intrinsic on ``dtype``: ``intp``, the element type, its size in
+    bytes, the lanes of one :data:`VECTOR_BYTES` vector, and that vector type."""
+    element = context.get_data_type(dtype)
+    size = dtype.bitwidth // 8
+    lanes = VECTOR_BYTES // size
+    return context.get_value_type(types.intp), element, size, lanes, ir.VectorType(element, lanes)
+
+
 def _make_kernel(mr, panels):
     """Build the micro-kernel for ``mr`` rows and ``panels`` adjacent panels.
 
@@ -274,13 +283,9 @@ def _make_kernel(mr, panels):
             rows_val, i0, packed_val, p0, out_val, j0, ncols, accumulate, bias_val = args
             _add_wide_vector_attributes(builder.function)
 
-            intp = context.get_value_type(types.intp)
+            intp, element, size, lanes, vector = _vector_types(context, rows_ty.dtype)
             i32 = ir.IntType(32)
-            element = context.get_data_type(rows_ty.dtype)
-            size = rows_ty.dtype.bitwidth // 8
-            lanes = VECTOR_BYTES // size
             nr = PANEL_VECTORS * lanes
-            vector = ir.VectorType(element, lanes)
             columns = panels * PANEL_VECTORS  # vectors across the block
 
             def const(value):
@@ -521,12 +526,8 @@ def _transpose_tile(typingctx, src, i0, j0, dst):
         src_ty, _, _, dst_ty = signature.args
         src_val, i0, j0, dst_val = args
         _add_wide_vector_attributes(builder.function)
-        intp = context.get_value_type(types.intp)
+        intp, _, size, lanes, vector = _vector_types(context, src_ty.dtype)
         i32 = ir.IntType(32)
-        element = context.get_data_type(src_ty.dtype)
-        size = src_ty.dtype.bitwidth // 8
-        lanes = VECTOR_BYTES // size
-        vector = ir.VectorType(element, lanes)
         src_arr = context.make_array(src_ty)(context, builder, src_val)
         dst_arr = context.make_array(dst_ty)(context, builder, dst_val)
         src_stride = cgutils.unpack_tuple(builder, src_arr.strides, 2)[0]
