@@ -379,39 +379,6 @@ def test_gradient_gemms_by_gate_rows_equal_by_rows(monkeypatch, block_rows, thre
     _assert_same_results(by_gate_rows, by_rows, dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("threads", [1, 2, 3, 40])
-@pytest.mark.parametrize("transposed", [True, False], ids=["w_t", "w"])
-def test_pack_parallel_equals_pack(dtype, threads, transposed):
-    """Packing a weight's panels on several threads gives what one thread's ``pack``
-    gives: full panels and a ragged last one (zero-padded), with more threads than panels,
-    from ``W`` and from ``W^T``."""
-    from numlstm.backends._packed import empty_packed, pack
-
-    rng = np.random.default_rng(threads)
-    w = rng.standard_normal((4 * 37, 53)).astype(dtype)
-    w = w.T if transposed else w
-    expected = empty_packed(*w.shape, dtype)
-    pack(w, expected)
-    packed = np.full(expected.shape, np.nan, dtype)
-    cpu._pack_parallel(w, packed, threads)
-    np.testing.assert_array_equal(packed, expected)
-
-
-def test_weights_packed_on_threads_give_the_same_bits(monkeypatch):
-    """The whole model, with every weight packed on two threads
-    (``PARALLEL_PACK_MIN_BYTES`` of 0) and on one: the same bits. Three sequences take
-    the stacked weights forward, one sequence the packed ``W_ih^T`` and ``W_hh^T``."""
-    monkeypatch.setattr(cpu, "get_num_threads", lambda: 2)
-    for lengths in ((6, 2, 5), (6,)):
-        results = []
-        for min_bytes in (0, 1 << 40):
-            monkeypatch.setattr(cpu, "PARALLEL_PACK_MIN_BYTES", min_bytes)
-            results.append(_run("float32", lengths))
-        for name, value in results[0].items():
-            np.testing.assert_array_equal(results[1][name], value, err_msg=name)
-
-
 @pytest.mark.parametrize("packed_gradients", [True, False], ids=["by_rows", "by_gate_rows"])
 def test_transposed_d_a_gives_the_same_bits(monkeypatch, packed_gradients):
     """Whether the gradient GEMMs read ``δa^T`` from a transposed copy of each block or in

@@ -1448,31 +1448,6 @@ def _unchanged(copy, w):
     )
 
 
-#: :func:`_pack_weight` shares the packing of a weight of at least this many bytes among
-#: the threads, by panels.
-PARALLEL_PACK_MIN_BYTES = 1 << 18
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _pack_parallel(w, packed, threads):
-    """:func:`._packed.pack` with the panels split among ``threads`` threads."""
-    panels, nr, n = packed.shape[0], packed.shape[2], w.shape[1]
-    blocks = _blocks(panels, threads)
-    for k in prange(blocks):
-        p0, p1 = _block(k, blocks, panels)
-        pack(w[:, p0 * nr : min(n, p1 * nr)], packed[p0:p1])
-
-
-def _pack_weight(w, packed, threads):
-    """:func:`._packed.pack` ``w`` into ``packed``, on ``threads`` threads where ``packed``
-    takes at least :data:`PARALLEL_PACK_MIN_BYTES`: the weights are cold when a call
-    starts, and two cores read them from memory faster than one."""
-    if threads > 1 and packed.nbytes >= PARALLEL_PACK_MIN_BYTES:
-        _pack_parallel(w, packed, threads)
-    else:
-        pack(w, packed)
-
-
 def _pack_stacked(w_ih, w_hh):
     """``[W_ih^T; W_hh^T]`` packed, for :func:`forward_kernel`'s stacked path."""
     n_inputs = w_ih.shape[1]
@@ -1665,10 +1640,10 @@ def layer_forward(
         w_hh_packed = _pack_stacked(w_ih, w_hh) if save else _stacked_weights(w_ih, w_hh)
     else:
         w_ih_packed = empty_packed(*w_ih.T.shape, dtype)
-        _pack_weight(w_ih.T, w_ih_packed, threads)
+        pack(w_ih.T, w_ih_packed)
         if not by_units:
             w_hh_packed = empty_packed(*w_hh.T.shape, dtype)
-            _pack_weight(w_hh.T, w_hh_packed, threads)
+            pack(w_hh.T, w_hh_packed)
     if by_units:
         w_hh_units = _unit_blocks_forward(w_hh, threads)
         chunk = gates.shape[0]
@@ -1758,9 +1733,9 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
     d_w_ih = np.empty(w_ih.shape, dtype)
     d_w_hh = np.empty(w_hh.shape, dtype)
     d_bias = np.empty(w_ih.shape[0], dtype)
-    threads = get_num_threads()
     w_ih_packed = empty_packed(*w_ih.shape, dtype)
-    _pack_weight(w_ih, w_ih_packed, threads)
+    pack(w_ih, w_ih_packed)
+    threads = get_num_threads()
     hidden = w_hh.shape[0] // 4
     n_inputs, n_out = w_ih.shape[1], w_hh.shape[1]
     standard = not (projecting or peepholes or use_layer)
@@ -1774,7 +1749,7 @@ def layer_backward(tape, d_y, d_h_n, d_c_n):
         )
     else:
         w_hh_packed = empty_packed(*w_hh.shape, dtype)
-        _pack_weight(w_hh, w_hh_packed, threads)
+        pack(w_hh, w_hh_packed)
         # Only the projection's and the use layer's per-step products call BLAS.
         with single_threaded_blas() if not standard else nullcontext(), _ThreadsKept(threads):
             backward_kernel(
