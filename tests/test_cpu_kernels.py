@@ -401,8 +401,11 @@ def test_gradient_gemms_equal_numpy(monkeypatch, transposed, way, threads, dtype
     """Both ways of the gradient GEMMs against NumPy's products, at a shape with full and
     ragged panels (I = 37, P = 100) and 400 gate rows: shared over 1 to 3 threads, or over
     more threads than the 25 blocks of 16 gate rows (some get none), with the outputs
-    poisoned with NaN first; reading each block of ``δa^T`` from a transposed copy (whose
-    tiles are ragged at 301 rows and at a thread's share of gate rows) and in place."""
+    poisoned with NaN first; reading each block of ``δa^T`` from a transposed copy and in
+    place. The copy's tiles are ragged along the rows (301 in all, in blocks of 128: the
+    last block of each thread's rows is partial); the gate rows, 400 and the threads' shares
+    in multiples of 16, fill whole tiles (``test_transpose_equals_numpy`` in
+    ``test_packed.py`` covers ragged tiles both ways)."""
     from numlstm.backends._packed import empty_packed, pack
 
     monkeypatch.setattr(cpu, "TRANSPOSE_MIN_ROW_BYTES", 0 if transposed else 1 << 40)
