@@ -13,6 +13,7 @@ from __future__ import annotations
 import textwrap
 import threading
 import time
+from unittest import mock
 
 import numba
 import numpy as np
@@ -492,28 +493,51 @@ def test_stacked_weights_equal_a_projection_pass(monkeypatch, dtype):
     _assert_same_results(stacked, with_pass, dtype)
 
 
+def _inference_chunks(model, x, lengths=None):
+    """The inference pass of ``model``, and the gate chunks its layers allocated."""
+    chunks = []
+    original = cpu._layout.allocate
+
+    def allocate(*args, **options):
+        chunks.append(options["chunk"])
+        return original(*args, **options)
+
+    with mock.patch.object(cpu._layout, "allocate", allocate), numlstm.no_grad():
+        output, (h_n, c_n) = model(x, lengths=lengths)
+    return (output, h_n, c_n), chunks
+
+
 def test_inference_chunk_shrinks_to_the_gate_byte_budget(monkeypatch):
     """A large batch gets fewer steps per inference chunk (``INFERENCE_GATE_BYTES``), so
     that the gate buffer stays under glibc's threshold for fresh mappings; the results do
-    not change."""
+    not change. (With weights too large to stack: the projection pass fills the chunks.)"""
     model = numlstm.LSTM(3, 8, dtype="float64", seed=0)
     x = np.random.default_rng(0).standard_normal((9, 5, 3))
-    with numlstm.no_grad():
-        expected, (h_n, c_n) = model(x)
-        step_bytes = 5 * 4 * 8 * 8
-        monkeypatch.setattr(cpu, "INFERENCE_GATE_BYTES", 2 * step_bytes + step_bytes // 2)
-        chunks = []
-        original = cpu._layout.allocate
-        monkeypatch.setattr(
-            cpu._layout,
-            "allocate",
-            lambda *args, **kwargs: chunks.append(kwargs["chunk"]) or original(*args, **kwargs),
-        )
-        output, (h_n_2, c_n_2) = model(x)
+    monkeypatch.setattr(cpu, "STACKED_WEIGHTS_MAX_BYTES", 0)
+    expected, chunks = _inference_chunks(model, x)
+    assert chunks == [cpu.INFERENCE_CHUNK]
+    step_bytes = 5 * 4 * 8 * 8
+    monkeypatch.setattr(cpu, "INFERENCE_GATE_BYTES", 2 * step_bytes + step_bytes // 2)
+    results, chunks = _inference_chunks(model, x)
     assert chunks == [2]
-    np.testing.assert_array_equal(output, expected)
-    np.testing.assert_array_equal(h_n_2, h_n)
-    np.testing.assert_array_equal(c_n_2, c_n)
+    for result, value in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(result, value)
+
+
+@pytest.mark.parametrize("lengths", [None, [9, 3, 1, 9, 6]], ids=["full", "lengths"])
+def test_stacked_inference_keeps_one_step_of_gates(lengths):
+    """With stacked weights, inference allocates one step of gate rows, which every step
+    reuses, in both directions; the results are bit for bit those of a buffer of every
+    step (the same products and gate math, only the rows they use differ)."""
+    model = numlstm.LSTM(3, 8, bidirectional=True, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((9, 5, 3))
+    results, chunks = _inference_chunks(model, x, lengths)
+    assert chunks == [cpu.INFERENCE_STACKED_CHUNK] * 2 == [1, 1]
+    with mock.patch.object(cpu, "INFERENCE_STACKED_CHUNK", 9):
+        expected, chunks = _inference_chunks(model, x, lengths)
+    assert chunks == [9, 9]
+    for result, value in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(result, value)
 
 
 def _key(model):

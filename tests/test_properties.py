@@ -410,7 +410,8 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
     num_layers, bidirectional, proj_size, cell, batch_first
 ):
     """T = 150 spans three inference chunks of 64 steps (64 + 64 + 22, in both directions);
-    lengths end inside each chunk and on its edges."""
+    lengths end inside each chunk and on its edges. The weights are too large to stack, so
+    that the projection pass runs by chunks (stacked, each step has its own gate rows)."""
     assert cpu.INFERENCE_CHUNK == 64
     lengths = (150, 1, 64, 65, 100, 128, 129, 22)
     case = Case(
@@ -432,7 +433,7 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
     arrays = make_arrays(case)
     model = lstm_model(case)
     trained = model(arrays.x, arrays.hx, case.lengths)
-    with numlstm.no_grad():
+    with mock.patch.object(cpu, "STACKED_WEIGHTS_MAX_BYTES", 0), numlstm.no_grad():
         inferred = model(arrays.x, arrays.hx, case.lengths)
     assert_results_close(flatten(*inferred), flatten(*trained))
     expected = lstm_forward(
@@ -443,10 +444,16 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
 
 @given(case=cases(max_steps=9, max_batch=4, max_size=4, cells=CELLS), data=st.data())
 def test_inference_path_equals_training_path_for_any_chunk(case, data):
-    """The inference chunk length is a tunable: every value, down to 1, gives the same."""
+    """The inference chunk lengths are tunables: every value, down to 1, gives the same,
+    with a projection pass (``INFERENCE_CHUNK``) and with stacked weights
+    (``INFERENCE_STACKED_CHUNK``; one sequence takes the projection pass on two threads)."""
     chunk = data.draw(st.integers(1, case.steps + 1), label="chunk")
     arrays = make_arrays(case)
     output, states, _ = run(case, arrays)
-    with mock.patch.object(cpu, "INFERENCE_CHUNK", chunk), numlstm.no_grad():
+    with (
+        mock.patch.object(cpu, "INFERENCE_CHUNK", chunk),
+        mock.patch.object(cpu, "INFERENCE_STACKED_CHUNK", chunk),
+        numlstm.no_grad(),
+    ):
         inferred, inferred_states, _ = run(case, arrays)
     assert_results_close(flatten(inferred, inferred_states), flatten(output, states))
