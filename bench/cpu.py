@@ -29,8 +29,10 @@ first layer, D·H above it; D = 2 for a bidirectional configuration, ``T,B,I,H,l
 training counts 3x forward. The BLAS GEMM peak is a square
 ``np.dot`` of size ``--gemm-size`` timed in the same run on the same threads, before and
 after the configurations (the higher median counts); the table gives each side's GF/s as a
-percentage of it. The results go to cpu.json (every median, versions, threads, CPU, date),
-cpu.md (the table) and, with matplotlib, cpu.png (the ratios) in ``--out``.
+percentage of it, and the ratio numlstm would have if it ran at that peak: the lowest
+ratio this machine allows, whatever the code. The results go to cpu.json (every median,
+versions, threads, CPU, date), cpu.md (the table) and, with matplotlib, cpu.png (the
+ratios) in ``--out``.
 
 This shared machine's speed drifts from one minute to the next, so a ratio near a target
 can fall on either side of it from run to run. ``--runs N`` repeats the whole plan N
@@ -560,13 +562,16 @@ def _busy_warnings(report):
 
 
 def _add_derived(row, peaks):
-    """Ratio, GF/s and % of the dtype's GEMM peak, from a row's medians."""
+    """Ratio, GF/s and % of the dtype's GEMM peak, from a row's medians; and the ratio
+    numlstm would have if it ran at that peak (``ratio_at_peak``), the lowest that this
+    machine allows: a target below it cannot be met here."""
     peak = peaks[row["dtype"]]["gflops"]
     row["ratio"] = row["numlstm_s"] / row["torch_s"]
     for side in ("numlstm", "torch"):
         gflops = row["flops"] / row[f"{side}_s"] / 1e9
         row[f"{side}_gflops"] = gflops
         row[f"{side}_peak_pct"] = 100 * gflops / peak
+    row["ratio_at_peak"] = row["flops"] / (peak * 1e9) / row["torch_s"]
     return row
 
 
@@ -781,6 +786,7 @@ COLUMNS = (
     "torch GF/s",
     "numlstm % peak",
     "torch % peak",
+    "numlstm/torch at peak",
 )
 
 
@@ -801,6 +807,7 @@ def _format_row(row, sep=" | "):
         f"{row['torch_gflops']:.1f}",
         f"{row['numlstm_peak_pct']:.0f}",
         f"{row['torch_peak_pct']:.0f}",
+        f"{row['ratio_at_peak']:.2f}",
     )
     return sep.join(cells)
 
@@ -844,7 +851,9 @@ def markdown(report, command):
         "Medians of interleaved repeats"
         + (f", then medians over {len(runs)} runs of the whole plan" if runs else "")
         + "; forward is inference, train is forward + backward (parameter and input "
-        "gradients); GF/s count 2·T·B·4H·(I+H) per layer and direction, 3x for train.",
+        "gradients); GF/s count 2·T·B·4H·(I+H) per layer and direction, 3x for train. "
+        "numlstm/torch at peak: the ratio numlstm would have at the BLAS GEMM peak, the "
+        "lowest this machine allows.",
         "",
         *(
             [

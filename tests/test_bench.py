@@ -128,7 +128,7 @@ def _run_report(ratio, peak_pct, gflops_peak, warnings=(), date="d"):
     row = {"label": "6,2,3,4,1", "dtype": "float32", "mode": "train", "flops": 1000,
            "repeats": 5, "ratio": ratio, "numlstm_s": ratio, "torch_s": 1.0,
            "numlstm_peak_pct": peak_pct, "numlstm_gflops": 1.0, "torch_gflops": 1.0,
-           "torch_peak_pct": 1.0}  # fmt: skip
+           "torch_peak_pct": 1.0, "ratio_at_peak": ratio * peak_pct / 100}  # fmt: skip
     peak = {"size": 64, "gflops": gflops_peak, "start": {"gflops": gflops_peak},
             "end": {"gflops": gflops_peak}}  # fmt: skip
     return {**_calm_report(gemm_peak={"float32": peak}), "date": date, "parity": [date],
@@ -146,6 +146,7 @@ def test_runs_are_summarised_by_medians_and_their_spread():
     assert row["ratio"] == row["numlstm_s"] == pytest.approx(0.6)
     assert (row["ratio_min"], row["ratio_max"]) == (0.5, 0.7)
     assert row["numlstm_peak_pct"] == 80.0
+    assert row["ratio_at_peak"] == pytest.approx(0.42)  # of 0.40, 0.63 and 0.42
     assert (row["numlstm_peak_pct_min"], row["numlstm_peak_pct_max"]) == (70.0, 90.0)
     assert row["repeats"] == 5 and row["flops"] == 1000  # counts stay as they were
     assert merged["gemm_peak"]["float32"]["gflops"] == 310.0
@@ -208,6 +209,9 @@ def test_harness_writes_json_table_and_plot(tmp_path, restored_thread_env, capsy
             assert row[f"{side}_gflops"] == pytest.approx(row["flops"] / row[f"{side}_s"] / 1e9)
             peak = written["gemm_peak"]["float32"]["gflops"]
             assert row[f"{side}_peak_pct"] == pytest.approx(100 * row[f"{side}_gflops"] / peak)
+        # At the peak, numlstm would take flops / peak seconds.
+        assert row["ratio_at_peak"] == pytest.approx(row["flops"] / (peak * 1e9) / row["torch_s"])
+        assert row["ratio_at_peak"] == pytest.approx(row["ratio"] * row["numlstm_peak_pct"] / 100)
     # Both sides computed the same thing (the same weights, input and output gradient).
     for record in written["parity"]:
         assert max(record["max_relative_difference"].values()) < cpu.PARITY_TOLERANCE["float32"]
