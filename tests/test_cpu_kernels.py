@@ -524,13 +524,15 @@ def test_inference_chunk_shrinks_to_the_gate_byte_budget(monkeypatch):
         np.testing.assert_array_equal(result, value)
 
 
-@pytest.mark.parametrize("lengths", [None, [9, 3, 1, 9, 6]], ids=["full", "lengths"])
-def test_stacked_inference_keeps_one_step_of_gates(lengths):
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "lengths"])
+def test_stacked_inference_keeps_one_step_of_gates(padded):
     """With stacked weights, inference allocates one step of gate rows, which every step
     reuses, in both directions; the results are bit for bit those of a buffer of every
     step (the same products and gate math, only the rows they use differ)."""
     model = numlstm.LSTM(3, 8, bidirectional=True, dtype="float64", seed=0)
-    x = np.random.default_rng(0).standard_normal((9, 5, 3))
+    batch = 2 * numba.get_num_threads() + 1  # stacked: every thread has sequences
+    x = np.random.default_rng(0).standard_normal((9, batch, 3))
+    lengths = [(9, 3, 1, 6)[b % 4] for b in range(batch)] if padded else None
     results, chunks = _inference_chunks(model, x, lengths)
     assert chunks == [cpu.INFERENCE_STACKED_CHUNK] * 2 == [1, 1]
     with mock.patch.object(cpu, "INFERENCE_STACKED_CHUNK", 9):

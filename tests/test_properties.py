@@ -393,6 +393,7 @@ def lstm_model(case, dtype="float64"):
     return model
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["projection_pass", "stacked"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize(
     ("num_layers", "bidirectional", "proj_size", "cell"),
@@ -407,11 +408,11 @@ def lstm_model(case, dtype="float64"):
     ids=["forward", "bidirectional", "bi_proj_2layers", "proj_2layers", "peephole", "ltm_stm"],
 )
 def test_inference_path_equals_training_path_beyond_one_chunk(
-    num_layers, bidirectional, proj_size, cell, batch_first
+    num_layers, bidirectional, proj_size, cell, batch_first, stacked
 ):
-    """T = 150 spans three inference chunks of 64 steps (64 + 64 + 22, in both directions);
-    lengths end inside each chunk and on its edges. The weights are too large to stack, so
-    that the projection pass runs by chunks (stacked, each step has its own gate rows)."""
+    """T = 150 spans three inference chunks of 64 steps (64 + 64 + 22, in both directions)
+    where the weights are too large to stack; lengths end inside each chunk and on its
+    edges. Stacked, every step reuses one step of gate rows."""
     assert cpu.INFERENCE_CHUNK == 64
     lengths = (150, 1, 64, 65, 100, 128, 129, 22)
     case = Case(
@@ -433,7 +434,8 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
     arrays = make_arrays(case)
     model = lstm_model(case)
     trained = model(arrays.x, arrays.hx, case.lengths)
-    with mock.patch.object(cpu, "STACKED_WEIGHTS_MAX_BYTES", 0), numlstm.no_grad():
+    stacked_max_bytes = cpu.STACKED_WEIGHTS_MAX_BYTES if stacked else 0
+    with mock.patch.object(cpu, "STACKED_WEIGHTS_MAX_BYTES", stacked_max_bytes), numlstm.no_grad():
         inferred = model(arrays.x, arrays.hx, case.lengths)
     assert_results_close(flatten(*inferred), flatten(*trained))
     expected = lstm_forward(
@@ -446,7 +448,8 @@ def test_inference_path_equals_training_path_beyond_one_chunk(
 def test_inference_path_equals_training_path_for_any_chunk(case, data):
     """The inference chunk lengths are tunables: every value, down to 1, gives the same,
     with a projection pass (``INFERENCE_CHUNK``) and with stacked weights
-    (``INFERENCE_STACKED_CHUNK``; one sequence takes the projection pass on two threads)."""
+    (``INFERENCE_STACKED_CHUNK``; a batch smaller than the threads takes the projection
+    pass)."""
     chunk = data.draw(st.integers(1, case.steps + 1), label="chunk")
     arrays = make_arrays(case)
     output, states, _ = run(case, arrays)

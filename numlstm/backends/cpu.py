@@ -717,7 +717,7 @@ def forward_kernel(
     hidden = c_seq.shape[2]
     stacked = w_ih_packed is None  # w_hh_packed holds [W_ih^T; W_hh^T]
     # Without a projection pass to fill the gate buffer ahead, the steps need not go by
-    # chunks: one pass over them all, step t in the buffer's row t % C.
+    # chunks: one pass over them all, step t in the buffer's row (t - t_lo) % C.
     span = steps_total if stacked else chunk
     for n in range((steps_total + span - 1) // span):
         t_lo, t_hi = _layout.chunk_bounds(n, span, steps_total, reverse)
